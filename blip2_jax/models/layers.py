@@ -1,0 +1,302 @@
+"""Shared layers: the only place attention, norms, dense layers, activations and
+layer stacking (scan / remat / unrolled) are written.
+
+Logical axis names used on parameters and activations (mapped to mesh axes by
+`blip2_jax.sharding`):
+  params:      embed, mlp, heads (= num_heads * head_dim, flattened), kv_heads, vocab,
+               layers (the scan axis), norm, patch, pos, relpos
+  activations: activation_batch, activation_length, activation_embed, activation_mlp,
+               activation_heads, activation_vocab
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Array = jax.Array
+
+BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
+
+
+def constrain(x: Array, axes: Sequence[str | None]) -> Array:
+  """Annotates an activation with logical axis names (a no-op without rules)."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+def dtype_of(name_or_dtype) -> Any:
+  if isinstance(name_or_dtype, str):
+    return jnp.dtype(name_or_dtype)
+  return name_or_dtype
+
+
+# ----------------------------------------------------------------------------------------
+# activations
+
+
+def _gelu_exact(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+# ----------------------------------------------------------------------------------------
+# parameters
+
+
+def normal_init(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes):
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), shape, dtype)
+
+
+class Dense(nn.Module):
+  """y = x @ kernel + bias, kernel (in, out) with logical axes; computes in `dtype`."""
+  features: int
+  axes: tuple[str, str] = ("embed", "mlp")
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = param_with_axes(self, "kernel", normal_init(self.init_std),
+                             (x.shape[-1], self.features), self.param_dtype, self.axes)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
+                             self.param_dtype, self.axes[-1:])
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """Token embedding table (vocab, embed); `attend` gives tied-head logits."""
+  num_embeddings: int
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  init_std: float = 0.02
+  axes: tuple[str, str] = ("vocab", "embed")
+
+  def setup(self):
+    self.embedding = param_with_axes(self, "embedding", normal_init(self.init_std),
+                                     (self.num_embeddings, self.features), self.param_dtype,
+                                     self.axes)
+
+  def __call__(self, ids: Array) -> Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm (or RMSNorm with rms=True) whose statistics are always float32."""
+  eps: float = 1e-5
+  rms: bool = False
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    xf = x.astype(jnp.float32)
+    if self.rms:
+      xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    else:
+      mean = jnp.mean(xf, axis=-1, keepdims=True)
+      xf = xf - mean
+      xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    scale = param_with_axes(self, "scale", nn.initializers.ones, (d,), self.param_dtype, ("norm",))
+    if self.rms:
+      # HF T5/LLaMA cast the normalised value to the weight dtype before scaling.
+      return (scale * xf.astype(self.param_dtype)).astype(self.dtype)
+    y = xf * scale.astype(jnp.float32)
+    if self.use_bias:
+      bias = param_with_axes(self, "bias", nn.initializers.zeros, (d,), self.param_dtype, ("norm",))
+      y = y + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# attention
+
+
+def split_heads(x: Array, num_heads: int) -> Array:
+  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x: Array) -> Array:
+  return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def mask_to_bias(mask: Array | None, dtype=jnp.float32) -> Array | None:
+  """Boolean/0-1 mask (..., S) or (..., T, S) -> additive float32 bias (large negative)."""
+  if mask is None:
+    return None
+  return jnp.where(mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min).astype(dtype)
+
+
+def attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
+              scale: float | None = None, is_causal: bool = False,
+              implementation: str | None = None, dtype: Dtype = jnp.float32) -> Array:
+  """Multi-head attention core on (B, T, N, H) tensors; K may have fewer heads (GQA).
+
+  `bias` is additive, broadcastable to (B, N, T, S), in float32. Logits and softmax run in
+  float32 even for bf16 inputs (`jax.nn.dot_product_attention` does that for "xla").
+  implementation: None (let JAX choose), "xla" or "cudnn".
+  """
+  if bias is not None:
+    # dot_product_attention wants a 4-D bias; a (B, S) / (B, T, S) mask is expanded here.
+    while bias.ndim < 4:
+      bias = bias[:, None] if bias.ndim == 3 else bias[:, None, None, :]
+    # Clamp so that bias + logits never overflows to -inf (rows fully masked stay finite,
+    # as HF's dtype-min masks do).
+    bias = jnp.maximum(bias, jnp.finfo(jnp.float32).min / 2)
+    if implementation == "cudnn":
+      bias = bias.astype(q.dtype)
+  q, k, v = (t.astype(dtype) for t in (q, k, v))
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=is_causal,
+                                     implementation=implementation)
+  return out.astype(dtype)
+
+
+def causal_bias(t: int, s: int | None = None, offset: int = 0) -> Array:
+  """(1, 1, T, S) additive causal bias; query i sees keys <= i + offset."""
+  s = t if s is None else s
+  allowed = jnp.arange(s)[None, :] <= (jnp.arange(t)[:, None] + offset)
+  return mask_to_bias(allowed)[None, None]
+
+
+# ----------------------------------------------------------------------------------------
+# layer stacks: scan or unrolled, with remat
+
+
+REMAT_POLICIES = {
+    "none": None,  # no remat
+    "full": "nothing_saveable",  # recompute everything in the backward pass
+    "dots": "dots_saveable",  # keep matmul outputs
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",
+    "everything": "everything_saveable",
+}
+
+
+def remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {name!r}; known: {sorted(REMAT_POLICIES)}")
+  return getattr(jax.checkpoint_policies, REMAT_POLICIES[name]) if REMAT_POLICIES[name] else None
+
+
+class LayerStack(nn.Module):
+  """Applies `num_layers` copies of `layer_cls(**layer_kwargs)` to a carry.
+
+  Each layer is called as `layer(x, *broadcast_args) -> x`. With `scan=True` the parameters
+  have a leading "layers" axis under the name `layers`; unrolled, each layer is `layers_{i}`.
+  `convert_params` turns one tree into the other.
+  """
+  layer_cls: Any
+  layer_kwargs: dict
+  num_layers: int
+  scan: bool = False
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, x, *args):
+    cls = self.layer_cls
+    policy = remat_policy(self.remat)
+    if self.remat != "none":
+      cls = nn.remat(cls, policy=policy, prevent_cse=not self.scan)
+    if self.scan:
+      scanned = nn.scan(
+          lambda mdl, c, _: (mdl(c, *args), None),
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          length=self.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, _ = scanned(cls(**self.layer_kwargs, name="layers"), x, None)
+      return x
+    for i in range(self.num_layers):
+      x = cls(**self.layer_kwargs, name=f"layers_{i}")(x, *args)
+    return x
+
+
+_UNROLLED = re.compile(r"^layers_(\d+)$")
+
+
+def scan_to_unrolled(tree: dict) -> dict:
+  """Converts every `layers` subtree (leading layer axis) into `layers_{i}` subtrees."""
+  out = {}
+  for k, v in tree.items():
+    if k == "layers" and isinstance(v, dict):
+      n = jax.tree_util.tree_leaves(v)[0].shape[0]
+      for i in range(n):
+        out[f"layers_{i}"] = scan_to_unrolled(jax.tree_util.tree_map(lambda a: a[i], v))
+    elif isinstance(v, dict):
+      out[k] = scan_to_unrolled(v)
+    else:
+      out[k] = v
+  return out
+
+
+def unrolled_to_scan(tree: dict) -> dict:
+  """Stacks `layers_{i}` subtrees into one `layers` subtree with a leading layer axis."""
+  out, stacks = {}, {}
+  for k, v in tree.items():
+    m = _UNROLLED.match(k)
+    if m and isinstance(v, dict):
+      stacks[int(m.group(1))] = unrolled_to_scan(v)
+    elif isinstance(v, dict):
+      out[k] = unrolled_to_scan(v)
+    else:
+      out[k] = v
+  if stacks:
+    if sorted(stacks) != list(range(len(stacks))):
+      raise ValueError(f"layer indices are not contiguous: {sorted(stacks)}")
+    layers = [stacks[i] for i in range(len(stacks))]
+    stack = np.stack if isinstance(jax.tree_util.tree_leaves(layers[0])[0], np.ndarray) else jnp.stack
+    out["layers"] = jax.tree_util.tree_map(lambda *xs: stack(xs), *layers)
+  return out
+
+
+def config_replace(cfg, **kw):
+  return dataclasses.replace(cfg, **kw)

@@ -1,0 +1,67 @@
+"""Mesh construction and the logical-axis rule table.
+
+Modules name their axes (see models/layers.py); this table maps the names to mesh axes
+(data, fsdp, tensor). Changing parallelism is a config edit, not a code edit.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical name, mesh axes). Parameters shard their large dimension over fsdp and the
+# head / mlp / vocab dimension over tensor; activations shard the batch over data+fsdp.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), axes: Sequence[str] = MESH_AXES,
+              devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if len(shape) != len(axes):
+    raise ValueError(f"mesh shape {shape} does not match axes {tuple(axes)}")
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {shape} has more than one -1")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices do not divide into mesh shape {shape}")
+    shape[shape.index(-1)] = len(devices) // known
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                     f"but {len(devices)} are available")
+  return jax.make_mesh(tuple(shape), tuple(axes), devices=devices,
+                       axis_types=(AxisType.Auto,) * len(axes))
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules=DEFAULT_RULES):
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(logical_axes), rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def tree_shardings(boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """NamedShardings for a tree of nn.Partitioned (boxed) leaves, e.g. from eval_shape(init)."""
+  return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
