@@ -1,1 +1,10 @@
-"""blip2-jax: BLIP-2 in JAX/Flax."""
+"""blip2-jax: BLIP-2 (Li et al. 2023) in JAX/Flax, loading and saving Hugging Face checkpoints.
+
+    import blip2_jax
+    model, params = blip2_jax.from_pretrained(path, dtype=jnp.float32)
+    out = model.apply({"params": params}, pixel_values=x, input_ids=ids, attention_mask=mask)
+"""
+from blip2_jax.weights.hf import from_pretrained, save_pretrained  # noqa: F401
+from blip2_jax.weights.io import CheckpointError  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,425 @@
+"""BLIP-2 composites: image -> ViT -> Q-Former -> projection -> LLM, and the retrieval heads.
+
+Equivalents of HF `Blip2Model`, `Blip2ForConditionalGeneration` (OPT, T5, LLaMA),
+`Blip2ForImageTextRetrieval`, `Blip2VisionModelWithProjection`, `Blip2TextModelWithProjection`
+and `InstructBlipForConditionalGeneration`.
+
+`input_ids` hold text tokens only: the projected query outputs are prepended to their
+embeddings (equal to HF v5's `num_query_tokens` `<image>` placeholders before BOS).
+`pixel_values` are NHWC.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blip2_jax.models import layers as L
+from blip2_jax.models import llama, opt, qformer, t5, vit
+from blip2_jax.weights.table import Rule, prefixed
+
+TEXT_MODELS = {"opt": opt, "t5": t5, "llama": llama}
+
+# HF architecture name -> the composite that implements it
+ARCHITECTURES = {
+    "Blip2Model": "Blip2ForConditionalGeneration",
+    "Blip2ForConditionalGeneration": "Blip2ForConditionalGeneration",
+    "Blip2ForImageTextRetrieval": "Blip2ForImageTextRetrieval",
+    "Blip2VisionModelWithProjection": "Blip2VisionModelWithProjection",
+    "Blip2TextModelWithProjection": "Blip2TextModelWithProjection",
+    "InstructBlipForConditionalGeneration": "Blip2ForConditionalGeneration",  # + instruct=True
+}
+
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan", "remat", "attn_impl")
+
+
+def text_family(text_cfg) -> str:
+  for name, mod in TEXT_MODELS.items():
+    if isinstance(text_cfg, _config_class(mod)):
+      return name
+  raise TypeError(f"unsupported text config {type(text_cfg).__name__}")
+
+
+def _config_class(mod):
+  return {"opt": getattr(mod, "OPTConfig", None), "t5": getattr(mod, "T5Config", None),
+          "llama": getattr(mod, "LlamaConfig", None)}[mod.__name__.rsplit(".", 1)[-1]]
+
+
+def _lm_class(family: str):
+  return {"opt": opt.OPTForCausalLM, "t5": t5.T5ForConditionalGeneration,
+          "llama": llama.LlamaForCausalLM}[family]
+
+
+@dataclasses.dataclass(frozen=True)
+class Blip2Config:
+  """A BLIP-2 / InstructBLIP composite. `text` is None for the retrieval-only models."""
+  vision: vit.VisionConfig
+  qformer: qformer.QFormerConfig
+  text: Any = None
+  num_query_tokens: int = 32
+  image_text_hidden_size: int = 256
+  image_token_index: int | None = None
+  architecture: str = "Blip2ForConditionalGeneration"
+  instruct: bool = False  # InstructBLIP: instruction text also enters the Q-Former
+  initializer_range: float = 0.02
+
+  @property
+  def family(self) -> str | None:
+    return None if self.text is None else text_family(self.text)
+
+  @property
+  def is_encoder_decoder(self) -> bool:
+    return self.family == "t5"
+
+  @classmethod
+  def from_hf(cls, hf_config, *, architecture: str | None = None, qformer_dtype: str | None = "float32",
+              **runtime) -> "Blip2Config":
+    """From a transformers Blip2Config / InstructBlipConfig. `runtime` (dtype, param_dtype, scan,
+    remat, attn_impl) applies to every tower; the Q-Former computes in `qformer_dtype` (float32, as
+    HF keeps it) unless that is None."""
+    bad = set(runtime) - set(RUNTIME_FIELDS)
+    if bad:
+      raise TypeError(f"unknown option(s) {sorted(bad)}; expected some of {RUNTIME_FIELDS}")
+    arch = architecture or (getattr(hf_config, "architectures", None) or ["Blip2ForConditionalGeneration"])[0]
+    if arch not in ARCHITECTURES:
+      raise ValueError(f"architecture {arch!r} is not a BLIP-2 model; supported: {sorted(ARCHITECTURES)}")
+    instruct = hf_config.model_type == "instructblip"
+    q_runtime = dict(runtime)
+    if qformer_dtype is not None:
+      q_runtime["dtype"] = qformer_dtype
+      q_runtime["param_dtype"] = "float32"
+    text = None
+    if ARCHITECTURES[arch] == "Blip2ForConditionalGeneration":
+      tc = hf_config.text_config
+      family = {"opt": "opt", "t5": "t5", "llama": "llama", "mt5": "t5"}.get(tc.model_type)
+      if family is None:
+        raise ValueError(f"text_config.model_type {tc.model_type!r} is not supported "
+                         "(supported: opt, t5, llama)")
+      text = _config_class(TEXT_MODELS[family]).from_hf(tc, **runtime)
+    return cls(
+        vision=vit.VisionConfig.from_hf(hf_config.vision_config, **runtime),
+        qformer=qformer.QFormerConfig.from_hf(hf_config.qformer_config, **q_runtime),
+        text=text,
+        num_query_tokens=hf_config.num_query_tokens,
+        image_text_hidden_size=getattr(hf_config, "image_text_hidden_size", 256),
+        image_token_index=getattr(hf_config, "image_token_index", None),
+        architecture=arch,
+        instruct=instruct,
+        initializer_range=getattr(hf_config, "initializer_range", 0.02),
+    )
+
+  def to_hf(self):
+    import transformers
+    kw = dict(vision_config=self.vision.to_hf().to_dict(), qformer_config=self.qformer.to_hf().to_dict(),
+              num_query_tokens=self.num_query_tokens, initializer_range=self.initializer_range)
+    if self.text is not None:
+      kw["text_config"] = self.text.to_hf().to_dict()
+    if self.instruct:
+      cfg = transformers.InstructBlipConfig(**kw)
+    else:
+      cfg = transformers.Blip2Config(image_text_hidden_size=self.image_text_hidden_size, **kw)
+    if self.image_token_index is not None:
+      cfg.image_token_index = self.image_token_index
+    cfg.architectures = [self.architecture]
+    return cfg
+
+  def replace_runtime(self, **runtime) -> "Blip2Config":
+    """Changes dtype/scan/remat/... of every tower (the Q-Former keeps its own dtype)."""
+    q = {k: v for k, v in runtime.items() if k not in ("dtype", "param_dtype")}
+    return dataclasses.replace(
+        self, vision=dataclasses.replace(self.vision, **runtime),
+        qformer=dataclasses.replace(self.qformer, **q),
+        text=None if self.text is None else dataclasses.replace(self.text, **runtime))
+
+
+# ----------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _normalize(x, eps=1e-12):
+  """torch.nn.functional.normalize: x / max(||x||, eps), in float32."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def _dense(cfg_like, features, axes, name, init_std=0.02):
+  return L.Dense(features, axes=axes, dtype=L.dtype_of(cfg_like.dtype),
+                 param_dtype=L.dtype_of(cfg_like.param_dtype), init_std=init_std, name=name)
+
+
+def _query_tokens(module, cfg: Blip2Config):
+  return module.param(
+      "query_tokens", nn.with_logical_partitioning(L.normal_init(cfg.initializer_range), (None, None, "embed")),
+      (1, cfg.num_query_tokens, cfg.qformer.hidden_size), jnp.float32)
+
+
+def _ones(shape, like=jnp.int32):
+  return jnp.ones(shape, like)
+
+
+class _VisionQueries(nn.Module):
+  """Shared body: ViT -> Q-Former queries cross-attending to the image (+ instruction text).
+
+  Not a module of its own in the tree: composites inherit it so their parameters keep HF's
+  flat names (`vision_model`, `query_tokens`, `qformer`)."""
+
+  def _vision(self, pixel_values, interpolate_pos_encoding, deterministic):
+    return self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                             deterministic=deterministic)
+
+  def _queries(self, image_embeds, deterministic, qformer_input_ids=None, qformer_attention_mask=None):
+    b = image_embeds.shape[0]
+    q = jnp.broadcast_to(self.query_tokens, (b,) + self.query_tokens.shape[1:])
+    mask = None
+    if qformer_input_ids is not None:  # InstructBLIP: [queries; instruction] attend jointly
+      if qformer_attention_mask is None:
+        qformer_attention_mask = jnp.ones(qformer_input_ids.shape, jnp.int32)
+      mask = jnp.concatenate([jnp.ones(q.shape[:2], jnp.int32), qformer_attention_mask.astype(jnp.int32)], 1)
+    return self.qformer(q, input_ids=qformer_input_ids, attention_mask=mask,
+                        encoder_hidden_states=image_embeds, deterministic=deterministic)
+
+
+# ----------------------------------------------------------------------------------------
+# composites
+
+
+class Blip2ForConditionalGeneration(_VisionQueries):
+  """HF Blip2ForConditionalGeneration / Blip2Model / InstructBlipForConditionalGeneration.
+
+  Returns logits (B, Q+T, V) for decoder-only LLMs (queries first) or decoder logits (B, Td, V) for
+  T5, plus vision_outputs, qformer_outputs and language_model_inputs (the projected queries).
+  """
+  config: Blip2Config
+
+  def setup(self):
+    cfg = self.config
+    if cfg.text is None:
+      raise ValueError(f"{cfg.architecture} has no language model; use Blip2ForImageTextRetrieval")
+    self.vision_model = vit.VisionModel(cfg.vision)
+    self.query_tokens = _query_tokens(self, cfg)
+    self.qformer = qformer.QFormerModel(cfg.qformer)
+    self.language_projection = _dense(cfg.text, cfg.text.hidden_size if hasattr(cfg.text, "hidden_size")
+                                      else cfg.text.d_model, (None, "embed"), None, cfg.initializer_range)
+    self.language_model = _lm_class(cfg.family)(cfg.text)
+
+  def get_image_features(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None,
+                         interpolate_pos_encoding=False, deterministic=True):
+    """Projected query outputs (B, Q, D_llm): the soft visual prompt."""
+    cfg = self.config
+    if cfg.instruct and qformer_input_ids is None:
+      raise ValueError("InstructBLIP needs qformer_input_ids (the instruction text for the Q-Former)")
+    if not cfg.instruct and qformer_input_ids is not None:
+      raise ValueError("qformer_input_ids are for InstructBLIP; this is a BLIP-2 model")
+    vis = self._vision(pixel_values, interpolate_pos_encoding, deterministic)
+    qf = self._queries(vis["last_hidden_state"], deterministic, qformer_input_ids, qformer_attention_mask)
+    q = qf["last_hidden_state"][:, :cfg.num_query_tokens]
+    proj = self.language_projection(q)
+    return {"vision_outputs": vis, "qformer_outputs": qf, "language_model_inputs": proj}
+
+  def __call__(self, pixel_values, input_ids, attention_mask=None, decoder_input_ids=None,
+               decoder_attention_mask=None, qformer_input_ids=None, qformer_attention_mask=None,
+               interpolate_pos_encoding=False, deterministic=True):
+    cfg = self.config
+    feats = self.get_image_features(pixel_values, qformer_input_ids, qformer_attention_mask,
+                                    interpolate_pos_encoding, deterministic)
+    lm = self.language_model
+    text = lm.embed_tokens(input_ids)
+    queries = feats["language_model_inputs"].astype(text.dtype)
+    if queries.shape[-1] != text.shape[-1]:
+      raise ValueError(f"projected queries have width {queries.shape[-1]} but the LLM's input embeddings "
+                       f"have {text.shape[-1]} (OPT word_embed_proj_dim != hidden_size is not a BLIP-2 layout)")
+    embeds = L.constrain(jnp.concatenate([queries, text], axis=1), (L.BATCH, L.LENGTH, L.EMBED))
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    mask = jnp.concatenate([jnp.ones(queries.shape[:2], jnp.int32), attention_mask.astype(jnp.int32)], 1)
+    if cfg.is_encoder_decoder:
+      if decoder_input_ids is None:
+        raise ValueError("T5 models need decoder_input_ids (e.g. t5.shift_right(labels, ...))")
+      out = lm(attention_mask=mask, decoder_input_ids=decoder_input_ids,
+               decoder_attention_mask=decoder_attention_mask, inputs_embeds=embeds,
+               deterministic=deterministic)
+    else:
+      if decoder_input_ids is not None:
+        raise ValueError("decoder_input_ids are only for encoder-decoder (T5) language models")
+      out = lm(attention_mask=mask, inputs_embeds=embeds, deterministic=deterministic)
+    return dict(feats, logits=out["logits"], language_model_outputs=out)
+
+
+class Blip2ForImageTextRetrieval(_VisionQueries):
+  """HF Blip2ForImageTextRetrieval: ITC (max over queries of cosine similarity) or ITM scores."""
+  config: Blip2Config
+
+  def setup(self):
+    cfg = self.config
+    q = cfg.qformer
+    self.vision_model = vit.VisionModel(cfg.vision)
+    self.query_tokens = _query_tokens(self, cfg)
+    self.embeddings = qformer.QFormerTextEmbeddings(q)
+    self.qformer = qformer.QFormerModel(q)
+    self.vision_projection = _dense(q, cfg.image_text_hidden_size, ("embed", None), None, cfg.initializer_range)
+    self.text_projection = _dense(q, cfg.image_text_hidden_size, ("embed", None), None, cfg.initializer_range)
+    self.itm_head = _dense(q, 2, ("embed", None), None, cfg.initializer_range)
+
+  def image_features(self, pixel_values, interpolate_pos_encoding=False, deterministic=True):
+    """(vision_outputs, qformer_outputs, normalised projected queries (B, Q, E))."""
+    vis = self._vision(pixel_values, interpolate_pos_encoding, deterministic)
+    qf = self._queries(vis["last_hidden_state"], deterministic)
+    return vis, qf, _normalize(self.vision_projection(qf["last_hidden_state"]))
+
+  def text_features(self, input_ids, attention_mask=None, deterministic=True):
+    """(qformer_outputs of the text-only pass, normalised projected [CLS] (B, E))."""
+    out = self.qformer(None, text_embeds=self.embeddings(input_ids), attention_mask=attention_mask,
+                       deterministic=deterministic)
+    return out, _normalize(self.text_projection(out["last_hidden_state"][:, 0]))
+
+  def itm_logits(self, image_embeds, input_ids, attention_mask=None, deterministic=True):
+    """ITM logits (B, 2): queries and text attend jointly, itm_head averaged over the queries."""
+    b = image_embeds.shape[0]
+    q = jnp.broadcast_to(self.query_tokens, (b,) + self.query_tokens.shape[1:])
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    mask = jnp.concatenate([jnp.ones(q.shape[:2], jnp.int32), attention_mask.astype(jnp.int32)], 1)
+    out = self.qformer(q, text_embeds=self.embeddings(input_ids), attention_mask=mask,
+                       encoder_hidden_states=image_embeds, deterministic=deterministic)
+    h = out["last_hidden_state"][:, :q.shape[1]]
+    return self.itm_head(h).astype(jnp.float32).mean(axis=1), out
+
+  def __call__(self, pixel_values, input_ids, attention_mask=None, use_image_text_matching_head=False,
+               interpolate_pos_encoding=False, deterministic=True):
+    if use_image_text_matching_head or self.is_initializing():
+      vis = self._vision(pixel_values, interpolate_pos_encoding, deterministic)
+      logits, text_out = self.itm_logits(vis["last_hidden_state"], input_ids, attention_mask, deterministic)
+      itm = dict(logits_per_image=logits, logits_per_text=logits.T, vision_outputs=vis,
+                 text_model_output=text_out)
+      if not self.is_initializing():
+        return itm
+    vis, _, image_embeds = self.image_features(pixel_values, interpolate_pos_encoding, deterministic)
+    text_out, text_embeds = self.text_features(input_ids, attention_mask, deterministic)
+    sim = jnp.einsum("iqe,te->iqt", image_embeds, text_embeds)
+    logits = sim.max(axis=1)
+    return dict(logits_per_image=logits, logits_per_text=logits.T, image_embeds=image_embeds,
+                text_embeds=text_embeds, vision_outputs=vis, text_model_output=text_out)
+
+
+class Blip2VisionModelWithProjection(_VisionQueries):
+  """HF Blip2VisionModelWithProjection: normalised projected query outputs (B, Q, E)."""
+  config: Blip2Config
+
+  def setup(self):
+    cfg = self.config
+    self.vision_model = vit.VisionModel(cfg.vision)
+    self.query_tokens = _query_tokens(self, cfg)
+    self.qformer = qformer.QFormerModel(cfg.qformer)
+    self.vision_projection = _dense(cfg.qformer, cfg.image_text_hidden_size, ("embed", None), None,
+                                    cfg.initializer_range)
+
+  def __call__(self, pixel_values, interpolate_pos_encoding=False, deterministic=True):
+    vis = self._vision(pixel_values, interpolate_pos_encoding, deterministic)
+    qf = self._queries(vis["last_hidden_state"], deterministic)
+    return dict(image_embeds=_normalize(self.vision_projection(qf["last_hidden_state"])),
+                last_hidden_state=vis["last_hidden_state"], vision_outputs=vis, qformer_outputs=qf)
+
+
+class Blip2TextModelWithProjection(nn.Module):
+  """HF Blip2TextModelWithProjection: normalised projected text states (B, T, E)."""
+  config: Blip2Config
+
+  def setup(self):
+    cfg = self.config
+    self.query_tokens = _query_tokens(self, cfg)  # unused, as in HF, but part of the checkpoint
+    self.embeddings = qformer.QFormerTextEmbeddings(cfg.qformer)
+    self.qformer = qformer.QFormerModel(cfg.qformer)
+    self.text_projection = _dense(cfg.qformer, cfg.image_text_hidden_size, ("embed", None), None,
+                                  cfg.initializer_range)
+
+  def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic=True):
+    if self.is_initializing():
+      _ = self.query_tokens
+    out = self.qformer(None, text_embeds=self.embeddings(input_ids, position_ids),
+                       attention_mask=attention_mask, deterministic=deterministic)
+    return dict(text_embeds=_normalize(self.text_projection(out["last_hidden_state"])),
+                last_hidden_state=out["last_hidden_state"], qformer_outputs=out)
+
+
+_CLASSES = {
+    "Blip2ForConditionalGeneration": Blip2ForConditionalGeneration,
+    "Blip2ForImageTextRetrieval": Blip2ForImageTextRetrieval,
+    "Blip2VisionModelWithProjection": Blip2VisionModelWithProjection,
+    "Blip2TextModelWithProjection": Blip2TextModelWithProjection,
+}
+
+
+def build(config: Blip2Config) -> nn.Module:
+  """The Flax module for `config.architecture`."""
+  return _CLASSES[ARCHITECTURES[config.architecture]](config)
+
+
+def dummy_inputs(config: Blip2Config, batch: int = 1, text_len: int = 2) -> dict:
+  """Keyword arguments that make `build(config).init` create every parameter."""
+  kind = ARCHITECTURES[config.architecture]
+  size = config.vision.image_size
+  px = jnp.zeros((batch, size, size, config.vision.num_channels), jnp.float32)
+  ids = jnp.ones((batch, text_len), jnp.int32)
+  if kind == "Blip2TextModelWithProjection":
+    return dict(input_ids=ids)
+  if kind == "Blip2VisionModelWithProjection":
+    return dict(pixel_values=px)
+  if kind == "Blip2ForImageTextRetrieval":
+    return dict(pixel_values=px, input_ids=ids)
+  kw = dict(pixel_values=px, input_ids=ids)
+  if config.instruct:
+    kw["qformer_input_ids"] = ids
+  if config.is_encoder_decoder:
+    kw["decoder_input_ids"] = ids
+  return kw
+
+
+def fit_to_checkpoint(config: Blip2Config, reader) -> Blip2Config:
+  """Settings that transformers reads from the weights rather than config.json: a T5 head is
+  untied exactly when the checkpoint holds `language_model.lm_head.weight` (transformers 5)."""
+  if config.family == "t5":
+    tied = not t5.checkpoint_has_lm_head(reader, prefix="language_model.")
+    return dataclasses.replace(config, text=dataclasses.replace(config.text, tie_word_embeddings=tied))
+  return config
+
+
+def _ignore_of(mod, cfg) -> list[str]:
+  return list(mod.hf_ignore(cfg)) if hasattr(mod, "hf_ignore") else list(getattr(mod, "HF_IGNORE", []))
+
+
+def hf_ignore(config: Blip2Config) -> list[str]:
+  """Regexes of HF keys that may be present without a rule (buffers, tied copies)."""
+  out = [r"(.*\.)?position_ids"]
+  out += ["vision_model\\." + p for p in _ignore_of(vit, config.vision)]
+  if config.text is not None:
+    out += ["language_model\\." + p for p in _ignore_of(TEXT_MODELS[config.family], config.text)]
+  return out
+
+
+def _linear(name: str, hf: str | None = None) -> list[Rule]:
+  hf = hf or name
+  return [Rule(f"{name}/kernel", f"{hf}.weight", "linear"), Rule(f"{name}/bias", f"{hf}.bias")]
+
+
+def hf_rules(config: Blip2Config) -> list[Rule]:
+  """The composite's HF <-> Flax name table, assembled from each tower's table."""
+  kind = ARCHITECTURES[config.architecture]
+  rules = [Rule("query_tokens", "query_tokens")]
+  if kind != "Blip2TextModelWithProjection":
+    rules += prefixed(vit.hf_rules(config.vision), "vision_model/", "vision_model.")
+  rules += prefixed(qformer.hf_rules(config.qformer), "qformer/", "qformer.")
+  if kind in ("Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection"):
+    rules += prefixed(qformer.embeddings_hf_rules(config.qformer), "embeddings/", "embeddings.")
+  if kind == "Blip2ForConditionalGeneration":
+    rules += _linear("language_projection")
+    rules += prefixed(TEXT_MODELS[config.family].hf_rules(config.text), "language_model/", "language_model.")
+  if kind in ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection"):
+    rules += _linear("vision_projection")
+  if kind in ("Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection"):
+    rules += _linear("text_projection")
+  if kind == "Blip2ForImageTextRetrieval":
+    rules += _linear("itm_head")
+  return rules

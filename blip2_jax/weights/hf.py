@@ -1,0 +1,80 @@
+"""Hugging Face checkpoint directories <-> BLIP-2 composites: `from_pretrained`, `save_pretrained`."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from blip2_jax import sharding as shd
+from blip2_jax.weights import io
+
+CONFIG_NAME = "config.json"
+
+
+def read_hf_config(path: str):
+  """The transformers config of a checkpoint directory, with errors that name the problem."""
+  import transformers
+  cfg_path = os.path.join(path, CONFIG_NAME)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path} is not a directory (expected a save_pretrained directory)")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; is it a save_pretrained directory?")
+  try:
+    with open(cfg_path) as f:
+      raw = json.load(f)
+  except ValueError as e:
+    raise io.CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+  model_type = raw.get("model_type")
+  if model_type not in ("blip-2", "instructblip"):
+    arch = raw.get("architectures")
+    raise io.CheckpointError(
+        f"{path} holds a {model_type!r} checkpoint (architectures {arch}), not a BLIP-2 / InstructBLIP "
+        "one. To start a composite from separate towers use blip2_jax.weights.towers.")
+  return transformers.AutoConfig.for_model(**raw)
+
+
+def _dtype_name(dtype) -> str | None:
+  return None if dtype is None else jnp.dtype(dtype).name
+
+
+def from_pretrained(path: str, dtype=jnp.float32, mesh=None, *, param_dtype=None, scan: bool = False,
+                    remat: str = "none", attn_impl: str | None = None, qformer_dtype="float32",
+                    axis_rules=shd.DEFAULT_RULES, verbose: bool = False):
+  """Loads a transformers `save_pretrained` directory of any BLIP-2 class; returns (model, params).
+
+  dtype: compute dtype of the ViT and LLM; param_dtype: their stored dtype (default: dtype).
+  The Q-Former and query tokens compute in `qformer_dtype` with float32 params, as HF keeps them.
+  mesh: with a `jax.sharding.Mesh`, every tensor is placed straight into its sharding as read.
+  """
+  from blip2_jax.models import blip2
+
+  t0 = time.time()
+  hf_cfg = read_hf_config(path)
+  param_dtype = param_dtype if param_dtype is not None else dtype
+  config = blip2.Blip2Config.from_hf(
+      hf_cfg, qformer_dtype=_dtype_name(qformer_dtype), dtype=_dtype_name(dtype),
+      param_dtype=_dtype_name(param_dtype), scan=scan, remat=remat, attn_impl=attn_impl)
+  reader = io.open_checkpoint(path)
+  config = blip2.fit_to_checkpoint(config, reader)
+  model = blip2.build(config)
+  abstract = io.abstract_params(model, **blip2.dummy_inputs(config))
+  params = io.load_params(reader, blip2.hf_rules(config), abstract, mesh=mesh, axis_rules=axis_rules,
+                          ignore=blip2.hf_ignore(config), name=path)
+  if verbose:
+    n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    print(f"loaded {config.architecture} ({n / 1e6:.1f}M parameters) from {path} in {time.time() - t0:.1f}s")
+  return model, params
+
+
+def save_pretrained(model, params, path: str, *, dtype=None, max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes config.json + safetensors in the HF layout, loadable by transformers' from_pretrained."""
+  from blip2_jax.models import blip2
+
+  config = model.config
+  tensors = io.to_state_dict(params, blip2.hf_rules(config), dtype=dtype)
+  os.makedirs(path, exist_ok=True)
+  io.save_state_dict(path, tensors, max_shard_bytes=max_shard_bytes)
+  config.to_hf().save_pretrained(path)
