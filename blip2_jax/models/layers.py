@@ -129,10 +129,12 @@ class Embed(nn.Module):
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm (or RMSNorm with rms=True) whose statistics are always float32."""
+  """LayerNorm (or RMSNorm with rms=True) whose statistics are always float32.
+  use_scale=use_bias=False gives the parameter-free norm (OPT's elementwise_affine=False)."""
   eps: float = 1e-5
   rms: bool = False
   use_bias: bool = True
+  use_scale: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -146,6 +148,12 @@ class LayerNorm(nn.Module):
       mean = jnp.mean(xf, axis=-1, keepdims=True)
       xf = xf - mean
       xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    if not self.use_scale:
+      y = xf
+      if self.use_bias:
+        y = y + param_with_axes(self, "bias", nn.initializers.zeros, (d,), self.param_dtype,
+                                ("norm",)).astype(jnp.float32)
+      return y.astype(self.dtype)
     scale = param_with_axes(self, "scale", nn.initializers.ones, (d,), self.param_dtype, ("norm",))
     if self.rms:
       # HF T5/LLaMA cast the normalised value to the weight dtype before scaling.
@@ -176,25 +184,46 @@ def mask_to_bias(mask: Array | None, dtype=jnp.float32) -> Array | None:
   return jnp.where(mask.astype(bool), 0.0, jnp.finfo(jnp.float32).min).astype(dtype)
 
 
+def _full_bias(bias: Array) -> Array:
+  """(B,S) / (B,T,S) / 4-D bias -> 4-D, clamped so bias + logits never overflows to -inf (rows
+  fully masked stay finite, as HF's dtype-min masks do)."""
+  while bias.ndim < 4:
+    bias = bias[:, None] if bias.ndim == 3 else bias[:, None, None, :]
+  return jnp.maximum(bias, jnp.finfo(jnp.float32).min / 2)
+
+
 def attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
               scale: float | None = None, is_causal: bool = False,
-              implementation: str | None = None, dtype: Dtype = jnp.float32) -> Array:
+              implementation: str | None = None, dtype: Dtype = jnp.float32,
+              dropout_rate: float = 0.0, dropout_rng: Array | None = None) -> Array:
   """Multi-head attention core on (B, T, N, H) tensors; K may have fewer heads (GQA).
 
-  `bias` is additive, broadcastable to (B, N, T, S), in float32. Logits and softmax run in
-  float32 even for bf16 inputs (`jax.nn.dot_product_attention` does that for "xla").
-  implementation: None (let JAX choose), "xla" or "cudnn".
+  `bias` is additive, broadcastable to (B, N, T, S), in float32 ((B, S) and (B, T, S) are
+  expanded). Logits and softmax run in float32 even for bf16 inputs.
+  implementation: None (let JAX choose), "xla" or "cudnn" (`jax.nn.dot_product_attention`).
+  With `dropout_rate > 0` and a `dropout_rng` (training), the probabilities are dropped as HF
+  does, on an explicit softmax path (the fused kernels have no dropout).
   """
-  if bias is not None:
-    # dot_product_attention wants a 4-D bias; a (B, S) / (B, T, S) mask is expanded here.
-    while bias.ndim < 4:
-      bias = bias[:, None] if bias.ndim == 3 else bias[:, None, None, :]
-    # Clamp so that bias + logits never overflows to -inf (rows fully masked stay finite,
-    # as HF's dtype-min masks do).
-    bias = jnp.maximum(bias, jnp.finfo(jnp.float32).min / 2)
-    if implementation == "cudnn":
-      bias = bias.astype(q.dtype)
   q, k, v = (t.astype(dtype) for t in (q, k, v))
+  if bias is not None:
+    bias = _full_bias(bias)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if k.shape[2] != q.shape[2]:  # GQA: repeat the key/value heads
+      k, v = (jnp.repeat(t, q.shape[2] // k.shape[2], axis=2) for t in (k, v))
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+      logits = logits + bias
+    if is_causal:
+      logits = logits + causal_bias(q.shape[1], k.shape[1])
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bnts,bsnh->btnh", probs.astype(dtype), v).astype(dtype)
+  if bias is not None:
+    if implementation == "cudnn":
+      # cuDNN wants the bias in the input dtype with full query/key lengths.
+      bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1])).astype(q.dtype)
   out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=scale, is_causal=is_causal,
                                      implementation=implementation)
   return out.astype(dtype)
@@ -205,6 +234,14 @@ def causal_bias(t: int, s: int | None = None, offset: int = 0) -> Array:
   s = t if s is None else s
   allowed = jnp.arange(s)[None, :] <= (jnp.arange(t)[:, None] + offset)
   return mask_to_bias(allowed)[None, None]
+
+
+def causal_padding_bias(mask: Array | None, t: int) -> Array:
+  """(B|1, 1, T, T) additive bias: index-causal and, if `mask` (B, T) is given, key padding."""
+  allowed = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]
+  if mask is not None:
+    allowed = allowed & mask.astype(bool)[:, None, None, :]
+  return mask_to_bias(allowed)
 
 
 # ----------------------------------------------------------------------------------------

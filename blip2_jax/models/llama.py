@@ -244,18 +244,6 @@ class LlamaDecoderLayer(nn.Module):
     return L.constrain(x + h, ACT_AXES)
 
 
-def causal_padding_bias(attention_mask, t):
-  """(B|1, 1, T, T) additive bias: index-causal AND (if given) key padding.
-
-  This is HF `create_causal_mask` on a default forward (use_cache=True, so no cache-free
-  packed-sequence detection): explicit position_ids only move RoPE, never the mask.
-  """
-  allowed = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]
-  if attention_mask is not None:
-    allowed = allowed & attention_mask.astype(bool)[:, None, None, :]
-  return L.mask_to_bias(allowed)
-
-
 class LlamaModel(nn.Module):
   config: LlamaConfig
 
@@ -274,7 +262,9 @@ class LlamaModel(nn.Module):
       position_ids = jnp.arange(t)[None]  # HF: arange positions even with left padding
     position_ids = jnp.asarray(position_ids)
     position_ids = position_ids[None] if position_ids.ndim == 1 else position_ids
-    bias = causal_padding_bias(attention_mask, t)
+    # = HF create_causal_mask on a default forward (use_cache=True, so no packed-sequence
+    # detection): explicit position_ids move RoPE only, never the mask.
+    bias = L.causal_padding_bias(attention_mask, t)
     x = L.constrain(inputs_embeds.astype(L.dtype_of(cfg.dtype)), ACT_AXES)
     cos, sin = rope_cos_sin(cfg, jnp.broadcast_to(position_ids, (position_ids.shape[0], t)),
                             L.dtype_of(cfg.dtype))

@@ -115,27 +115,10 @@ class OPTConfig:
 # ----------------------------------------------------------------------------------------
 
 
-def _plain_layer_norm(x, eps):
-  """LayerNorm without parameters (layer_norm_elementwise_affine=False), float32 statistics."""
-  xf = x.astype(jnp.float32)
-  xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
-  xf = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
-  return xf.astype(x.dtype)
-
-
-class _PlainNorm(nn.Module):
-  """Parameter-free LayerNorm (layer_norm_elementwise_affine=False)."""
-  config: OPTConfig
-
-  def __call__(self, x):
-    return _plain_layer_norm(x, LN_EPS).astype(L.dtype_of(self.config.dtype))
-
-
 def _norm(cfg, name):
   # Params sit directly under `name` (HF: `<name>.weight`, `<name>.bias`).
-  if not cfg.layer_norm_elementwise_affine:
-    return _PlainNorm(cfg, name=name)
-  return L.LayerNorm(eps=LN_EPS, dtype=L.dtype_of(cfg.dtype),
+  affine = cfg.layer_norm_elementwise_affine
+  return L.LayerNorm(eps=LN_EPS, use_scale=affine, use_bias=affine, dtype=L.dtype_of(cfg.dtype),
                      param_dtype=L.dtype_of(cfg.param_dtype), name=name)
 
 
@@ -213,15 +196,6 @@ def position_ids_from_mask(mask):
   return jnp.cumsum(mask, axis=1) * mask - 1
 
 
-def causal_padding_bias(mask, t):
-  """(B, 1, T, S) additive bias: causal and (if `mask` (B, S) given) key padding."""
-  causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-  allowed = causal[None, None]
-  if mask is not None:
-    allowed = allowed & mask.astype(bool)[:, None, None, :]
-  return L.mask_to_bias(allowed)
-
-
 class OPTDecoder(nn.Module):
   config: OPTConfig
 
@@ -254,7 +228,7 @@ class OPTDecoder(nn.Module):
     if cfg.has_projections:
       x = self.project_in(x)
     x = L.constrain(x + pos, ACT_AXES)
-    bias = causal_padding_bias(attention_mask, t)
+    bias = L.causal_padding_bias(attention_mask, t)
     stack = L.LayerStack(OPTDecoderLayer, {"config": cfg, "deterministic": deterministic},
                          cfg.num_hidden_layers, scan=cfg.scan, remat=cfg.remat)
     nn.share_scope(self, stack)  # layers appear as decoder/layers_{i}, like HF

@@ -201,12 +201,6 @@ def _norm(cfg, name):
                      param_dtype=L.dtype_of(cfg.param_dtype), name=name)
 
 
-def _expand_bias(bias):
-  while bias.ndim < 4:
-    bias = bias[:, None] if bias.ndim == 3 else bias[:, None, None, :]
-  return bias
-
-
 class QFormerMultiHeadAttention(nn.Module):
   """query/key/value projections + attention core (HF `...attention.attention`)."""
   config: QFormerConfig
@@ -221,17 +215,10 @@ class QFormerMultiHeadAttention(nn.Module):
     k = L.split_heads(_dense(cfg, d, ("embed", "heads"), "key")(src), n)
     v = L.split_heads(_dense(cfg, d, ("embed", "heads"), "value")(src), n)
     dt = L.dtype_of(cfg.dtype)
-    rate = cfg.attention_probs_dropout_prob
-    if deterministic or rate == 0.0:
-      out = L.attention(q, k, v, bias=bias, implementation=cfg.attn_impl, dtype=dt)
-    else:
-      # layers.attention has no dropout on the probabilities (HF applies it there).
-      logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-      logits = logits * (d // n) ** -0.5
-      if bias is not None:
-        logits = logits + jnp.maximum(_expand_bias(bias), jnp.finfo(jnp.float32).min / 2)
-      probs = nn.Dropout(rate)(jax.nn.softmax(logits, axis=-1), deterministic=False)
-      out = jnp.einsum("bnts,bsnh->btnh", probs.astype(dt), v.astype(dt))
+    train = not deterministic and cfg.attention_probs_dropout_prob > 0.0
+    out = L.attention(q, k, v, bias=bias, implementation=cfg.attn_impl, dtype=dt,
+                      dropout_rate=cfg.attention_probs_dropout_prob if train else 0.0,
+                      dropout_rng=self.make_rng("dropout") if train else None)
     return L.merge_heads(out)
 
 

@@ -310,9 +310,7 @@ class T5Stack(nn.Module):
       # HF's cross-attention "position bias" is zeros: only the encoder padding mask remains.
       cross_bias = None
       if cross_mask is not None:
-        # (B, 1, T, S): cuDNN attention rejects a bias with a broadcast query axis.
-        cross_bias = L.mask_to_bias(cross_mask)[:, None, None, :]
-        cross_bias = jnp.broadcast_to(cross_bias, (cross_bias.shape[0], 1, t, cross_bias.shape[-1]))
+        cross_bias = L.mask_to_bias(cross_mask)[:, None, None, :]  # layers.attention expands it for cuDNN
       args = (bias, encoder_hidden_states, cross_bias)
     n = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
     x = L.LayerStack(T5Block, {"config": cfg, "is_decoder": self.is_decoder,

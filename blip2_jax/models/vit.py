@@ -257,15 +257,10 @@ class Attention(nn.Module):
     b, t = x.shape[:2]
     qkv = qkv.reshape(b, t, 3, n, hd)  # HF splits as (3, heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    scale = hd ** -0.5
-    if cfg.attention_dropout > 0 and not self.deterministic:
-      # Dropout on the attention probabilities (HF training path); the fused kernel has none.
-      logits = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-      probs = jax.nn.softmax(logits, axis=-1)
-      probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=False)
-      out = jnp.einsum("bnts,bsnh->btnh", probs.astype(dtype), v).astype(dtype)
-    else:
-      out = L.attention(q, k, v, scale=scale, implementation=cfg.attn_impl, dtype=dtype)
+    train = cfg.attention_dropout > 0 and not self.deterministic
+    out = L.attention(q, k, v, scale=hd ** -0.5, implementation=cfg.attn_impl, dtype=dtype,
+                      dropout_rate=cfg.attention_dropout if train else 0.0,
+                      dropout_rng=self.make_rng("dropout") if train else None)
     out = L.merge_heads(out)
     out = L.constrain(out, (BATCH, LENGTH, "activation_heads"))
     return L.Dense(d, ("heads", "embed"), name="projection", **dense)(out)
