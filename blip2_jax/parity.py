@@ -182,9 +182,10 @@ def _report(title: str, rows, thr: float) -> list[str]:
   print(f"{'stage':<24} {'max abs diff':>14} {'mean abs diff':>14} {'max |torch|':>12}")
   bad = []
   for name, mx, mean, ref in rows:
-    flag = "" if mx <= thr else "  <-- above threshold"
+    ok = mx <= thr  # False for NaN too: a NaN stage must fail, not pass
+    flag = "" if ok else "  <-- above threshold"
     print(f"{name:<24} {mx:>14.3e} {mean:>14.3e} {ref:>12.3e}{flag}")
-    if mx > thr:
+    if not ok:
       bad.append(name)
   return bad
 
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m blip2_jax.parity", description=__doc__.split("\n\n")[0])
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--hf-dir", help="a transformers save_pretrained directory of a BLIP-2 class")
-  src.add_argument("--tiny-random", choices=sorted(TINY) + ["all"],
+  src.add_argument("--tiny-random", choices=list(TINY) + ["all"],
                    help="build tiny random HF checkpoints locally (no download) and compare those")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--threshold", type=float, default=None,
@@ -211,18 +212,22 @@ def main(argv=None) -> int:
 
     from blip2_jax import testing
     tmp = tempfile.TemporaryDirectory()
-    names = sorted(TINY) if a.tiny_random == "all" else [a.tiny_random]
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    names = list(TINY) if a.tiny_random == "all" else [a.tiny_random]
     runs = []
     for n in names:
       arch, family = TINY[n]
       d = testing.save_tiny(f"{tmp.name}/{n}", arch, family, seed=a.seed)
       runs.append((f"tiny random {n} ({arch})", d))
   bad = []
-  for title, d in runs:
-    rows = compare(d, a.dtype, a.batch, a.seed, a.scan)
-    bad += [f"{title}: {b}" for b in _report(f"{title} [{a.dtype}]", rows, thr)]
-  if tmp is not None:
-    tmp.cleanup()
+  try:
+    for title, d in runs:
+      rows = compare(d, a.dtype, a.batch, a.seed, a.scan)
+      bad += [f"{title}: {b}" for b in _report(f"{title} [{a.dtype}]", rows, thr)]
+  finally:
+    if tmp is not None:
+      tmp.cleanup()
   if bad:
     print(f"\nFAIL above {thr:g}: " + "; ".join(bad))
     return 1
