@@ -200,7 +200,8 @@ def attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
 
   `bias` is additive, broadcastable to (B, N, T, S), in float32 ((B, S) and (B, T, S) are
   expanded). Logits and softmax run in float32 even for bf16 inputs.
-  implementation: None (let JAX choose), "xla" or "cudnn" (`jax.nn.dot_product_attention`).
+  implementation: None (let JAX choose), "xla" or "cudnn" (`jax.nn.dot_product_attention`);
+  cuDNN has no float32 kernel, so float32 attention (the Q-Former, parity runs) uses "xla".
   With `dropout_rate > 0` and a `dropout_rng` (training), the probabilities are dropped as HF
   does, on an explicit softmax path (the fused kernels have no dropout).
   """
@@ -220,6 +221,8 @@ def attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bnts,bsnh->btnh", probs.astype(dtype), v).astype(dtype)
+  if implementation == "cudnn" and jnp.dtype(dtype) == jnp.float32:
+    implementation = "xla"
   if bias is not None:
     if implementation == "cudnn":
       # cuDNN wants the bias in the input dtype with full query/key lengths.
