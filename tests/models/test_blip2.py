@@ -58,3 +58,23 @@ def test_bfloat16_composite(tmp_path):
 def test_interpolated_resolution_matches_torch(tmp_path, size):
   d = testing.save_tiny(str(tmp_path), "Blip2ForConditionalGeneration", "opt")
   _check(parity.compare(d, image_size=size))
+
+
+@pytest.mark.parametrize("family", ["opt", "t5", "llama"])
+@pytest.mark.parametrize("scan", [False, True])
+def test_every_parameter_has_logical_axes(family, scan):
+  import flax.linen as nn
+  import jax
+
+  from blip2_jax.models import blip2
+  from blip2_jax.weights import io
+  cfg = blip2.Blip2Config.from_hf(testing.tiny_blip2_config(family), scan=scan,
+                                  architecture="Blip2ForConditionalGeneration")
+  abstract = io.abstract_params(blip2.build(cfg), **blip2.dummy_inputs(cfg))
+  leaves = jax.tree_util.tree_leaves_with_path(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  bad = [jax.tree_util.keystr(p) for p, x in leaves
+         if not isinstance(x, nn.Partitioned) or len(x.names) != len(x.value.shape)]
+  assert leaves and not bad, bad
+  if scan:  # stacked leaves carry the "layers" axis first
+    stacked = [x for _, x in leaves if "layers" in x.names]
+    assert stacked and all(x.names[0] == "layers" for x in stacked)
