@@ -25,7 +25,6 @@ RENAMES: list[tuple[str, str]] = [
     (r"visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
     (r"visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
     (r"visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight", r"vision_model.encoder.layers.\1.self_attn.qkv.weight"),
-    (r"visual_encoder\.blocks\.(\d+)\.attn\.(q_bias|v_bias)", r"vision_model.encoder.layers.\1.self_attn.\2"),
     (r"visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
     (r"visual_encoder\.blocks\.(\d+)\.mlp\.(fc1|fc2)\.", r"vision_model.encoder.layers.\1.mlp.\2."),
     (r"ln_vision\.", "vision_model.post_layernorm."),
@@ -38,7 +37,14 @@ RENAMES: list[tuple[str, str]] = [
     (r"vision_proj\.", "vision_projection."),
     (r"text_proj\.", "text_projection."),
     (r"(query_tokens|itm_head\..*)", r"\1"),
+    # the frozen LLM, if a checkpoint carries it (LAVIS's own checkpoints drop frozen weights)
+    (r"(opt_model|t5_model|llm_model)\.", "language_model."),
 ]
+# Keys every LAVIS BLIP-2 checkpoint holds.
+SIGNATURE = ("query_tokens",)
+# EVA's separate q/v biases; `rename` fuses each layer's pair into HF's one `self_attn.qkv.bias`
+# [q, 0, v] (vit.lavis_qkv_bias): the k part is zero in LAVIS and changes nothing in softmax.
+QV_BIAS = r"visual_encoder\.blocks\.(\d+)\.attn\.(q_bias|v_bias)"
 # LAVIS tensors with no HF slot: returned by `lavis_extras`, not loaded into the HF layout.
 EXTRAS = (r"temp", r"Qformer\.cls\.predictions\..*")
 # Buffers LAVIS saves that carry no weights.
@@ -47,9 +53,14 @@ DROP = (r".*position_ids", r".*relative_position_index")
 
 def rename(lavis_state: dict) -> tuple[dict, list[str]]:
   """LAVIS state dict -> (HF-named dict, LAVIS keys that matched no rule)."""
-  out, unknown = {}, []
+  from blip2_jax.models import vit
+  out, unknown, qv = {}, [], {}
   for k, v in lavis_state.items():
     if any(re.fullmatch(p, k) for p in DROP + EXTRAS):
+      continue
+    m = re.fullmatch(QV_BIAS, k)
+    if m:
+      qv.setdefault(int(m.group(1)), {})[m.group(2)] = v
       continue
     for pat, rep in RENAMES:
       if re.match(pat, k):
@@ -57,7 +68,18 @@ def rename(lavis_state: dict) -> tuple[dict, list[str]]:
         break
     else:
       unknown.append(k)
+  for i, b in sorted(qv.items()):
+    if len(b) != 2:  # a lone q_bias or v_bias: report it rather than guess the other
+      unknown += [f"visual_encoder.blocks.{i}.attn.{n} (without its {'v' if n == 'q_bias' else 'q'}_bias)"
+                  for n in b]
+      continue
+    out[f"vision_model.encoder.layers.{i}.self_attn.qkv.bias"] = vit.lavis_qkv_bias(
+        _np(b["q_bias"]), _np(b["v_bias"]))
   return out, unknown
+
+
+def _np(v):
+  return v.detach().float().numpy() if hasattr(v, "detach") else np.asarray(v)
 
 
 def lavis_extras(lavis_state: dict) -> dict:
@@ -75,23 +97,33 @@ def load_lavis(pth_path: str, config, *, llm_dir: str | None = None, mesh=None, 
 
   raw = io.TorchReader(pth_path)
   state = {k: raw.get(k) for k in raw.keys()}
+  if not all(k in state for k in SIGNATURE) or not any(k.startswith("Qformer.bert.") for k in state):
+    raise io.CheckpointError(
+        f"{pth_path} is not a LAVIS BLIP-2 checkpoint (no query_tokens / Qformer.bert.* among its "
+        f"{len(state)} tensors; first keys: {sorted(state)[:8]})")
   hf_named, unknown = rename(state)
   if unknown:
     raise io.CheckpointError(f"{pth_path}: {len(unknown)} tensors are not LAVIS BLIP-2 names: "
                              + ", ".join(unknown[:20]))
-  model = blip2.build(config)
-  rules = blip2.hf_rules(config)
-  needed = {r.hf for r in expand(rules)}
-  # LAVIS stage-2 Q-Formers still carry the unused text FFN and embeddings of stage 1.
+  # LAVIS stage-2 Q-Formers may still carry the unused text FFN and embeddings of stage 1.
+  needed = {r.hf for r in expand(blip2.hf_rules(config))}
   hf_named = {k: v for k, v in hf_named.items()
               if k in needed or not re.match(r"(qformer\.encoder\.layer\.\d+\.(intermediate|output)\.|embeddings\.)", k)}
   if config.text is not None:
-    if llm_dir is None:
+    has_llm = any(k.startswith("language_model.") for k in hf_named)
+    if llm_dir is None and not has_llm:
       raise ValueError("a LAVIS stage-2 checkpoint holds no LLM weights: pass llm_dir=<HF LLM directory>")
-    llm = io.open_checkpoint(llm_dir)
-    for k in llm.keys():
-      hf_named["language_model." + k] = llm.get(k)
+    if llm_dir is not None:
+      if has_llm:
+        raise ValueError(f"{pth_path} already holds the LLM (opt_model/t5_model/llm_model.*); drop llm_dir")
+      llm = io.open_checkpoint(llm_dir)
+      for k in llm.keys():
+        hf_named["language_model." + k] = llm.get(k)
+  reader = io.DictReader(hf_named, pth_path)
+  config = blip2.fit_to_checkpoint(config, reader)  # T5: tied head iff no separate lm_head
+  model = blip2.build(config)
+  rules = blip2.hf_rules(config)
   abstract = io.abstract_params(model, **blip2.dummy_inputs(config))
-  params = io.load_params(io.DictReader(hf_named, pth_path), rules, abstract, mesh=mesh,
+  params = io.load_params(reader, rules, abstract, mesh=mesh,
                           axis_rules=axis_rules, ignore=blip2.hf_ignore(config))
   return model, params, lavis_extras(state)
