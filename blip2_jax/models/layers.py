@@ -11,7 +11,6 @@ Logical axis names used on parameters and activations (mapped to mesh axes by
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from typing import Any, Callable, Sequence
 

@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from blip2_jax.models import layers as L

@@ -349,7 +349,6 @@ class T5ForConditionalGeneration(nn.Module):
   def decode(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask=None,
              decoder_attention_mask=None, deterministic: bool = True):
     """Decoder pass over the full target (causal + padding) -> dict(logits, last_hidden_state)."""
-    cfg = self.config
     t = decoder_input_ids.shape[1]
     keep = jnp.tril(jnp.ones((t, t), bool))[None]  # (1, T, T)
     if decoder_attention_mask is not None:

@@ -8,7 +8,7 @@ Sources (HF `save_pretrained` directories, or `.bin` / safetensors files where n
   vision          any BLIP-2 / InstructBLIP checkpoint (only `vision_model.*` is read) or a
                   Blip2VisionModel directory (keys without the prefix).
   qformer_bert    a BERT directory (BertModel / BertForMaskedLM / BertForPreTraining, with or
-                  without `bert.`): `qformer.from_bert_state_dict` (query FFN = copy of the text
+                  without `bert.`): `bert.from_bert_state_dict` (query FFN = copy of the text
                   FFN, fresh cross-attention, vocab grown by `[DEC]`).
   language_model  OPTForCausalLM / T5ForConditionalGeneration / LlamaForCausalLM.
 Everything else (query tokens N(0, initializer_range), language / vision / text projections,
@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from blip2_jax.weights import io
+from blip2_jax.weights import bert, io
 from blip2_jax.weights.table import expand, prefixed
 
 _TEXT_TYPES = {"opt": "opt", "t5": "t5", "mt5": "t5", "llama": "llama"}
@@ -201,7 +201,7 @@ def init_from_towers(config, *, vision: str | None = None, qformer_bert: str | N
   "unused" (source tensors left out), "qformer_lm_head" (param tree or None, see above) and
   "sources". With `mesh`, every leaf (and the LM head) is placed in its sharding under
   `axis_rules` (default: sharding.DEFAULT_RULES). `new_token_init` / `fold_token_type`: see
-  `qformer.from_bert_state_dict` (defaults as LAVIS).
+  `bert.from_bert_state_dict` (defaults as LAVIS).
   """
   from blip2_jax import sharding as shd
   from blip2_jax.models import blip2, qformer
@@ -228,27 +228,27 @@ def init_from_towers(config, *, vision: str | None = None, qformer_bert: str | N
 
   if qformer_bert is not None:
     qc = config.qformer
-    bert, rep = qformer.from_bert_state_dict(qformer_bert, qc, seed=seed, new_token_init=new_token_init,
-                                             fold_token_type=fold_token_type, lm_head=qc.has_text_ffn)
-    params["qformer"] = _place(_cast(bert["qformer"], abstract["qformer"]),
+    init, rep = bert.from_bert_state_dict(qformer_bert, qc, seed=seed, new_token_init=new_token_init,
+                                          fold_token_type=fold_token_type, lm_head=qc.has_text_ffn)
+    params["qformer"] = _place(_cast(init["qformer"], abstract["qformer"]),
                                shardings and shardings["qformer"])
     report["copied"] += [f"{c} [{qformer_bert}]" for c in rep["copied"]
                          if not c.startswith(("embeddings.", "cls."))]
     report["initialised"] += [f"{c} [seed {seed}]" for c in rep["initialised"] if not c.startswith("cls.")]
     report["unused"] += [f"{qformer_bert}: {k}" for k in rep["unused"]]
     emb = [c for c in rep["copied"] if c.startswith("embeddings.")]
-    if "embeddings" in bert:
+    if "embeddings" in init:
       if "embeddings" in abstract:
-        params["embeddings"] = _place(_cast(bert["embeddings"], abstract["embeddings"]),
+        params["embeddings"] = _place(_cast(init["embeddings"], abstract["embeddings"]),
                                       shardings and shardings["embeddings"])
         report["copied"] += [f"{c} [{qformer_bert}]" for c in emb]
       else:  # stage 2: LAVIS sets word/position embeddings to None
         report["unused"] += [f"{qformer_bert}: {c.split(' <- ')[1].split()[0]} (the composite has no text "
                              "embeddings)" for c in emb]
-    if "lm_head" in bert:
+    if "lm_head" in init:
       head = qformer.QFormerLMHead(qc)
       ab = io.abstract_params(head, *qformer.init_args(qc)[0])
-      report["qformer_lm_head"] = _place(_cast(bert["lm_head"], ab), None if mesh is None else
+      report["qformer_lm_head"] = _place(_cast(init["lm_head"], ab), None if mesh is None else
                                          io.param_shardings(ab, mesh, axis_rules))
       report["copied"] += [f"qformer_lm_head: {c} [{qformer_bert}]" for c in rep["copied"]
                            if c.startswith("cls.")]

@@ -8,7 +8,6 @@ up to 4, Q-Former up to 3, logits up to 3):
   scanned: vision 2.9e-6; 42 / 70 px interpolation: vision 2.1e-6 / 3.0e-6
 For T5 we also checked against a float64 torch run: ours 1.3e-6 from it, torch float32 1.4e-6.
 """
-import numpy as np
 import pytest
 
 from blip2_jax import parity, testing

@@ -12,6 +12,7 @@ import transformers as T
 
 from blip2_jax.models import layers as L
 from blip2_jax.models import qformer as Q
+from blip2_jax.weights import bert as bert_init
 from blip2_jax.weights import io
 
 Q_LEN, T_LEN, E_LEN, ENC, HID = 5, 6, 7, 24, 36  # HID 36 / 4 heads: head dim 9 (odd)
@@ -403,7 +404,7 @@ def test_bert_init(tmp_path):
     ref_logits = out.prediction_logits.numpy()
     ref = bert.bert(input_ids=ids, attention_mask=tmask).last_hidden_state.numpy()
   # fold_token_type=True: BERT (token_type_ids = 0) and the Q-Former text path coincide
-  params, rep = Q.from_bert_state_dict(str(tmp_path), cfg, fold_token_type=True)
+  params, rep = bert_init.from_bert_state_dict(str(tmp_path), cfg, fold_token_type=True)
   _assert_query_ffn_is_text_ffn(params["qformer"])
   assert params["embeddings"]["word_embeddings"]["embedding"].shape == (51, HID)
   assert any("crossattention.attention.key.weight" in s for s in rep["initialised"])
@@ -416,7 +417,7 @@ def test_bert_init(tmp_path):
                                       params["embeddings"]["word_embeddings"]["embedding"])
   np.testing.assert_allclose(np.asarray(logits)[..., :50], ref_logits, atol=1e-6, rtol=0)  # 1.2e-7
   # default (LAVIS): token_type_embeddings dropped == BERT with them zeroed
-  params, rep = Q.from_bert_state_dict(str(tmp_path), cfg, new_token_init="mean")
+  params, rep = bert_init.from_bert_state_dict(str(tmp_path), cfg, new_token_init="mean")
   assert "bert.embeddings.token_type_embeddings.weight" in rep["unused"]
   with torch.no_grad():
     bert.bert.embeddings.token_type_embeddings.weight.zero_()
@@ -427,7 +428,7 @@ def test_bert_init(tmp_path):
   # BertModel layout (no "bert." prefix, no head) into the instructblip layout, scanned
   bert.bert.save_pretrained(tmp_path / "base")
   icfg = L.config_replace(cfg, layout="instructblip")
-  params, rep = Q.from_bert_state_dict(str(tmp_path / "base"), icfg)
+  params, rep = bert_init.from_bert_state_dict(str(tmp_path / "base"), icfg)
   assert any(s.startswith("cls.predictions.bias") for s in rep["initialised"])
   _assert_query_ffn_is_text_ffn(L.scan_to_unrolled(params["qformer"]))
   out = _run(Q.QFormerModel(icfg))({"params": params["qformer"]}, (None, _j(ids), _j(tmask)), {})
@@ -448,7 +449,7 @@ def test_real_minilm_bert_init():
   bert = T.BertModel.from_pretrained(d, attn_implementation="eager").eval()
   cfg = Q.QFormerConfig.from_bert(bert.config, encoder_hidden_size=64, cross_attention_frequency=2,
                                   scan=True)
-  params, rep = Q.from_bert_state_dict(d, cfg, fold_token_type=True, lm_head=False)
+  params, rep = bert_init.from_bert_state_dict(d, cfg, fold_token_type=True, lm_head=False)
   assert "pooler.dense.weight" in rep["unused"]
   # "[CLS] a photo of a cat [SEP]" / shorter padded row (bert-base-uncased vocab ids)
   ids = torch.tensor([[101, 1037, 6302, 1997, 1037, 4937, 102], [101, 1037, 3899, 102, 0, 0, 0]])
