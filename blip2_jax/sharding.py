@@ -63,5 +63,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def tree_shardings(boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
-  """NamedShardings for a tree of nn.Partitioned (boxed) leaves, e.g. from eval_shape(init)."""
+  """NamedShardings for a tree of nn.Partitioned (boxed) leaves, e.g. from eval_shape(init).
+
+  Rule-given shardings only; `weights.io.param_shardings` also fits them to the leaf shapes."""
   return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_tree), mesh, rules)
+
+
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> tuple[P, list[str]]:
+  """`spec` with the mesh axes that do not evenly divide their array dimension dropped.
+
+  Real checkpoints have such dimensions (the Q-Former vocab 30523, Vicuna's 32001 with the
+  added pad token); those dimensions are replicated over the dropped axes instead of failing.
+  Axes of a tuple entry are kept left to right while their product divides the dimension.
+  Returns (spec, ["dim d (size n): dropped 'axis' (k)", ...]).
+  """
+  entries = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+  out, dropped = [], []
+  for d, (size, entry) in enumerate(zip(shape, entries)):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    keep, n = [], 1
+    for a in axes:
+      k = mesh.shape[a]
+      if size % (n * k) == 0:
+        keep.append(a)
+        n *= k
+      else:
+        dropped.append(f"dim {d} (size {size}): dropped {a!r} ({k})")
+    out.append(None if not keep else keep[0] if len(keep) == 1 and isinstance(entry, str) else tuple(keep))
+  if not dropped:
+    return spec, []  # unchanged, so it compares equal to the rule-given spec
+  return P(*out[:len(tuple(spec))]), dropped

@@ -27,6 +27,8 @@ def read_hf_config(path: str):
       raw = json.load(f)
   except ValueError as e:
     raise io.CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+  if not isinstance(raw, dict):
+    raise io.CheckpointError(f"{cfg_path} holds a JSON {type(raw).__name__}, not an object")
   model_type = raw.get("model_type")
   if model_type not in ("blip-2", "instructblip"):
     arch = raw.get("architectures")
@@ -47,7 +49,9 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, *, param_dtype=None
 
   dtype: compute dtype of the ViT and LLM; param_dtype: their stored dtype (default: dtype).
   The Q-Former and query tokens compute in `qformer_dtype` with float32 params, as HF keeps them.
-  mesh: with a `jax.sharding.Mesh`, every tensor is placed straight into its sharding as read.
+  mesh: with a `jax.sharding.Mesh`, every tensor is placed straight into its sharding as read
+  (each device reads only its block); a dimension its mesh axes do not divide is replicated over
+  them instead, with a warning (see `sharding.fit_spec`).
   """
   from blip2_jax.models import blip2
 
@@ -77,4 +81,10 @@ def save_pretrained(model, params, path: str, *, dtype=None, max_shard_bytes: in
   tensors = io.to_state_dict(params, blip2.hf_rules(config), dtype=dtype)
   os.makedirs(path, exist_ok=True)
   io.save_state_dict(path, tensors, max_shard_bytes=max_shard_bytes)
-  config.to_hf().save_pretrained(path)
+  hf_cfg = config.to_hf()
+  # config.json records the weights' dtype as transformers does (used by dtype="auto"): the
+  # requested one, else that of the largest floating tensor (a bf16 load keeps an fp32 Q-Former).
+  floats = [v for v in tensors.values() if jnp.issubdtype(v.dtype, jnp.floating)]
+  if floats:
+    hf_cfg.dtype = jnp.dtype(dtype).name if dtype is not None else max(floats, key=lambda v: v.size).dtype.name
+  hf_cfg.save_pretrained(path)

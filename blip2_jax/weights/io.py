@@ -10,6 +10,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import flax.linen as nn
@@ -52,13 +53,25 @@ def _read_header(path: str) -> tuple[dict, int]:
       header = json.loads(f.read(n))
   except (OSError, ValueError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path} is not a readable safetensors file: the header is not a JSON object")
   for k, v in header.items():
     if k == "__metadata__":
       continue
-    begin, end = v["data_offsets"]
+    try:
+      begin, end = (int(x) for x in v["data_offsets"])
+      shape, dt = [int(d) for d in v["shape"]], v["dtype"]
+    except (TypeError, ValueError, KeyError) as e:
+      raise CheckpointError(f"{path} is corrupt: bad header entry for tensor {k!r}: {v!r} ({e})") from None
+    if dt not in _ST_DTYPES:
+      raise CheckpointError(f"{path}: tensor {k!r} has unsupported dtype {dt}")
     if end > size - 8 - n:
       raise CheckpointError(f"{path} is truncated or corrupt: tensor {k!r} ends at byte {end} "
                             f"but the file holds {size - 8 - n} data bytes")
+    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[dt]).itemsize
+    if not 0 <= begin <= end or end - begin != want:
+      raise CheckpointError(f"{path} is corrupt: tensor {k!r} of shape {tuple(shape)} {dt} needs {want} "
+                            f"bytes but its header gives offsets [{begin}, {end})")
   return header, 8 + n
 
 
@@ -74,8 +87,6 @@ class SafetensorsReader:
       header, start = _read_header(f)
       for k, v in header.items():
         if k != "__metadata__":
-          if v["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{f}: tensor {k!r} has unsupported dtype {v['dtype']}")
           self._where[k] = (f, v, start)
 
   @staticmethod
@@ -98,10 +109,11 @@ class SafetensorsReader:
       try:
         with open(path) as f:
           weight_map = json.load(f)["weight_map"]
-      except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors index: {e}") from None
+        names = set(weight_map.values())
+      except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors index: {e!r}") from None
       root = os.path.dirname(path)
-      files = sorted({os.path.join(root, v) for v in weight_map.values()})
+      files = sorted(os.path.join(root, v) for v in names)
       missing = [f for f in files if not os.path.exists(f)]
       if missing:
         raise CheckpointError(f"{path} names shard files that do not exist: {missing}")
@@ -218,17 +230,29 @@ def save_state_dict(directory: str, tensors: Mapping[str, np.ndarray],
   shards.append(cur)
   if len(shards) == 1:
     write_safetensors(os.path.join(directory, WEIGHTS_NAME), shards[0])
-    return [WEIGHTS_NAME]
-  names, weight_map = [], {}
-  for n, shard in enumerate(shards):
-    name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-    write_safetensors(os.path.join(directory, name), shard)
-    names.append(name)
-    weight_map.update({k: name for k in shard})
-  total = sum(np.asarray(v).nbytes for v in tensors.values())
-  with open(os.path.join(directory, INDEX_NAME), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  return names + [INDEX_NAME]
+    names = [WEIGHTS_NAME]
+  else:
+    names, weight_map = [], {}
+    for n, shard in enumerate(shards):
+      name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+      write_safetensors(os.path.join(directory, name), shard)
+      names.append(name)
+      weight_map.update({k: name for k in shard})
+    total = sum(np.asarray(v).nbytes for v in tensors.values())
+    tmp = os.path.join(directory, INDEX_NAME + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    os.replace(tmp, os.path.join(directory, INDEX_NAME))
+    names.append(INDEX_NAME)
+  # Weights of an earlier save into the same directory would shadow these (an index is read
+  # before model.safetensors) or mix into them; remove them, as transformers does.
+  for f in os.listdir(directory):
+    if f not in names and _OUR_WEIGHT_FILES.fullmatch(f):
+      os.remove(os.path.join(directory, f))
+  return names
+
+
+_OUR_WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 
 # ----------------------------------------------------------------------------------------
@@ -274,9 +298,26 @@ def abstract_params(module: nn.Module, *args, **kwargs):
   return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, **kwargs))["params"]
 
 
-def param_shardings(abstract, mesh, axis_rules):
-  specs = nn.get_partition_spec(abstract)
-  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
+def param_shardings(abstract, mesh, axis_rules, *, warn: bool = True):
+  """NamedShardings of the leaves of `abstract` under the logical `axis_rules`.
+
+  A dimension its mesh axes do not evenly divide is replicated over them instead (see
+  `sharding.fit_spec`), with one warning listing such leaves: real checkpoints have odd
+  vocabularies (Q-Former 30523, Vicuna + pad 32001) that would otherwise fail to load."""
+  from blip2_jax.sharding import fit_spec
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, axis_rules)
+  flat_sh, flat_ab = flatten(shardings), flatten(nn.unbox(abstract))
+  notes = []
+  for path, sh in flat_sh.items():
+    spec, dropped = fit_spec(sh.spec, tuple(flat_ab[path].shape), mesh)
+    if dropped:
+      flat_sh[path] = jax.sharding.NamedSharding(mesh, spec, memory_kind=sh.memory_kind)
+      notes.append(f"{path} {tuple(flat_ab[path].shape)}: " + "; ".join(dropped))
+  if notes and warn:
+    warnings.warn(f"{len(notes)} parameters have dimensions their mesh axes do not divide; those "
+                  "dimensions are replicated instead:\n  " + "\n  ".join(notes[:20])
+                  + ("\n  ..." if len(notes) > 20 else ""), stacklevel=2)
+  return unflatten(flat_sh)
 
 
 def load_params(source, rules: Sequence[Rule], abstract, *, mesh=None, axis_rules=None,
@@ -333,23 +374,42 @@ def load_params(source, rules: Sequence[Rule], abstract, *, mesh=None, axis_rule
     target_dtype = leaf.dtype
     if dtype is not None and jnp.issubdtype(leaf.dtype, jnp.floating):
       target_dtype = jnp.dtype(dtype)
-    arrays = [TRANSFORMS[by_flax[s].transform][0](reader.get(by_flax[s].hf)) for s in srcs]
-    host = arrays[0] if len(arrays) == 1 and srcs[0] == path else np.stack(arrays)
-    host = host.reshape(leaf.shape)
+    # Memory-mapped views (transposes are views too): nothing is read until sliced.
+    views = [TRANSFORMS[by_flax[s].transform][0](reader.get(by_flax[s].hf)) for s in srcs]
+    scanned = not (len(views) == 1 and srcs[0] == path)
     if shardings is not None:
-      sharding = shardings[path]
       out[path] = jax.make_array_from_callback(
-          tuple(leaf.shape), sharding, lambda idx, h=host: np.asarray(h[idx], dtype=target_dtype))
+          tuple(leaf.shape), shardings[path],
+          lambda idx, v=views, sc=scanned, sh=tuple(leaf.shape), t=target_dtype: _read_slice(v, sc, sh, idx, t))
     else:
+      host = np.stack(views) if scanned else views[0].reshape(leaf.shape)
       out[path] = jnp.asarray(np.asarray(host, dtype=target_dtype))
   return unflatten(out)
 
 
+def _read_slice(views, scanned: bool, shape, idx, dtype) -> np.ndarray:
+  """One device's block of a leaf, read from the checkpoint views only.
+
+  A scanned leaf is stacked from the layers the block covers, so no device (and not the host)
+  ever holds the whole leaf. The result is always a fresh array: on CPU, JAX would otherwise
+  alias the memory map, and rewriting the checkpoint file in place would change (or crash) the
+  loaded parameters."""
+  if scanned:
+    layers = range(shape[0])[idx[0]]
+    block = np.stack([views[i].reshape(shape[1:])[idx[1:]] for i in layers])
+  else:
+    block = views[0].reshape(shape)[idx]
+  return np.array(block, dtype=dtype, copy=True)
+
+
 def to_state_dict(params: Mapping, rules: Sequence[Rule], dtype=None) -> dict[str, np.ndarray]:
-  """Flax params (scanned or unrolled) -> HF state dict via the same rules (for save_pretrained)."""
-  flat = flatten(params)
+  """Flax params (scanned or unrolled, boxed or not) -> HF state dict via the same rules.
+
+  `dtype` casts floating tensors only. Raises ValueError when a parameter has no rule or a rule's
+  parameter is absent (the saved checkpoint would silently lack that tensor)."""
+  flat = flatten(nn.unbox(params))
   by_flax = {r.flax: r for r in expand(rules)}
-  out, no_rule = {}, []
+  out, no_rule, seen = {}, [], set()
   for path, value in flat.items():
     value = np.asarray(jax.device_get(value))
     srcs, _ = _sources(path, value.shape)
@@ -358,9 +418,15 @@ def to_state_dict(params: Mapping, rules: Sequence[Rule], dtype=None) -> dict[st
       if rule is None:
         no_rule.append(s)
         continue
+      seen.add(s)
       v = value[i] if srcs[0] != path else value
       v = TRANSFORMS[rule.transform][1](v)
-      out[rule.hf] = np.ascontiguousarray(v if dtype is None else v.astype(dtype))
-  if no_rule:
-    raise ValueError("parameters without a rule in the name table: " + ", ".join(no_rule[:20]))
+      if dtype is not None and jnp.issubdtype(v.dtype, jnp.floating):
+        v = v.astype(dtype)
+      out[rule.hf] = np.ascontiguousarray(v)
+  absent = [f for f in by_flax if f not in seen]
+  if no_rule or absent:
+    raise ValueError("params do not match the name table: "
+                     + (f"{len(no_rule)} without a rule: {', '.join(no_rule[:20])}. " if no_rule else "")
+                     + (f"{len(absent)} rules without a parameter: {', '.join(absent[:20])}" if absent else ""))
   return out
