@@ -32,7 +32,6 @@ ARCHITECTURES = {
     "InstructBlipForConditionalGeneration": "Blip2ForConditionalGeneration",  # + instruct=True
 }
 
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan", "remat", "attn_impl")
 
 
 def text_family(text_cfg) -> str:
@@ -79,9 +78,7 @@ class Blip2Config:
     """From a transformers Blip2Config / InstructBlipConfig. `runtime` (dtype, param_dtype, scan,
     remat, attn_impl) applies to every tower; the Q-Former computes in `qformer_dtype` (float32, as
     HF keeps it) unless that is None."""
-    bad = set(runtime) - set(RUNTIME_FIELDS)
-    if bad:
-      raise TypeError(f"unknown option(s) {sorted(bad)}; expected some of {RUNTIME_FIELDS}")
+    L.check_runtime(runtime)
     arch = architecture or (getattr(hf_config, "architectures", None) or ["Blip2ForConditionalGeneration"])[0]
     if arch not in ARCHITECTURES:
       raise ValueError(f"architecture {arch!r} is not a BLIP-2 model; supported: {sorted(ARCHITECTURES)}")
@@ -248,7 +245,10 @@ class Blip2ForConditionalGeneration(_VisionQueries):
 
 
 class Blip2ForImageTextRetrieval(_VisionQueries):
-  """HF Blip2ForImageTextRetrieval: ITC (max over queries of cosine similarity) or ITM scores."""
+  """HF Blip2ForImageTextRetrieval: ITC (max over queries of cosine similarity) or ITM scores.
+
+  Outputs as HF (logits_per_image, logits_per_text, image_embeds, text_embeds, vision_outputs,
+  text_model_output) plus qformer_outputs: the query pass (ITC) or the joint pass (ITM)."""
   config: Blip2Config
 
   def setup(self):
@@ -292,15 +292,16 @@ class Blip2ForImageTextRetrieval(_VisionQueries):
       vis = self._vision(pixel_values, interpolate_pos_encoding, deterministic)
       logits, text_out = self.itm_logits(vis["last_hidden_state"], input_ids, attention_mask, deterministic)
       itm = dict(logits_per_image=logits, logits_per_text=logits.T, vision_outputs=vis,
-                 text_model_output=text_out)
+                 qformer_outputs=text_out, text_model_output=text_out)
       if not self.is_initializing():
         return itm
-    vis, _, image_embeds = self.image_features(pixel_values, interpolate_pos_encoding, deterministic)
+    vis, query_out, image_embeds = self.image_features(pixel_values, interpolate_pos_encoding, deterministic)
     text_out, text_embeds = self.text_features(input_ids, attention_mask, deterministic)
     sim = jnp.einsum("iqe,te->iqt", image_embeds, text_embeds)
     logits = sim.max(axis=1)
     return dict(logits_per_image=logits, logits_per_text=logits.T, image_embeds=image_embeds,
-                text_embeds=text_embeds, vision_outputs=vis, text_model_output=text_out)
+                text_embeds=text_embeds, vision_outputs=vis, qformer_outputs=query_out,
+                text_model_output=text_out)
 
 
 class Blip2VisionModelWithProjection(_VisionQueries):

@@ -24,6 +24,15 @@ Array = jax.Array
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
 
+# The fields every model config carries besides its HF ones (how to run, not what to compute).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan", "remat", "attn_impl")
+
+
+def check_runtime(runtime: dict) -> None:
+  bad = set(runtime) - set(RUNTIME_FIELDS)
+  if bad:
+    raise TypeError(f"unknown option(s) {sorted(bad)}; expected some of {RUNTIME_FIELDS}")
+
 
 def constrain(x: Array, axes: Sequence[str | None]) -> Array:
   """Annotates an activation with logical axis names (a no-op without rules)."""

@@ -23,7 +23,6 @@ from blip2_jax.weights.table import Rule
 
 ACT_AXES = (L.BATCH, L.LENGTH, L.EMBED)
 ROPE_TYPES = ("default", "linear", "llama3")
-_RUNTIME = ("dtype", "param_dtype", "scan", "remat", "attn_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +104,7 @@ class LlamaConfig:
       raise ValueError(f"rope_parameters.partial_rotary_factor {rp['partial_rotary_factor']} "
                        "is not supported")
     kw = {f.name: getattr(hf_config, f.name) for f in dataclasses.fields(cls)
-          if not f.name.startswith("rope_") and f.name not in _RUNTIME and hasattr(hf_config, f.name)}
+          if not f.name.startswith("rope_") and f.name not in L.RUNTIME_FIELDS and hasattr(hf_config, f.name)}
     kw.update(rope_theta=float(rp["rope_theta"]), rope_type=rope_type)
     if rope_type in ("linear", "llama3"):
       kw["rope_factor"] = float(rp["factor"])
@@ -118,7 +117,7 @@ class LlamaConfig:
   def to_hf(self):
     import transformers
     kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-          if not f.name.startswith("rope_") and f.name not in _RUNTIME}
+          if not f.name.startswith("rope_") and f.name not in L.RUNTIME_FIELDS}
     if isinstance(kw["eos_token_id"], tuple):
       kw["eos_token_id"] = list(kw["eos_token_id"])
     rp = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}

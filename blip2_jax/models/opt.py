@@ -92,7 +92,7 @@ class OPTConfig:
       raise ValueError(f"activation_function: {e}") from None
     kw = {}
     for f in dataclasses.fields(cls):
-      if f.name in ("dtype", "param_dtype", "scan", "remat", "attn_impl"):
+      if f.name in L.RUNTIME_FIELDS:
         continue
       hf_name = "_remove_final_layer_norm" if f.name == "remove_final_layer_norm" else f.name
       if hasattr(hf_config, hf_name):
@@ -102,8 +102,7 @@ class OPTConfig:
   def to_hf(self):
     import transformers
     kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-          if f.name not in ("dtype", "param_dtype", "scan", "remat", "attn_impl",
-                            "remove_final_layer_norm")}
+          if f.name not in L.RUNTIME_FIELDS + ("remove_final_layer_norm",)}
     if isinstance(kw["eos_token_id"], tuple):
       kw["eos_token_id"] = list(kw["eos_token_id"])
     c = transformers.OPTConfig(**kw)

@@ -32,11 +32,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from blip2_jax.models import layers as L
 from blip2_jax.weights import bert, io
 from blip2_jax.weights.table import expand, prefixed
 
 _TEXT_TYPES = {"opt": "opt", "t5": "t5", "mt5": "t5", "llama": "llama"}
-_RUNTIME = ("dtype", "param_dtype", "scan", "remat", "attn_impl")
 
 
 # ----------------------------------------------------------------------------------------
@@ -98,9 +98,7 @@ def config_from_towers(vision_dir: str, bert_dir: str, llm_dir: str | None = Non
   computes in `qformer_dtype` with float32 params (as `Blip2Config.from_hf`).
   """
   from blip2_jax.models import blip2, qformer, vit
-  bad = set(runtime) - set(_RUNTIME)
-  if bad:
-    raise TypeError(f"unknown option(s) {sorted(bad)}; expected some of {_RUNTIME}")
+  L.check_runtime(runtime)
   arch = architecture or ("Blip2ForConditionalGeneration" if llm_dir else "Blip2ForImageTextRetrieval")
   if arch not in blip2.ARCHITECTURES:
     raise ValueError(f"architecture {arch!r} is not a BLIP-2 model; supported: {sorted(blip2.ARCHITECTURES)}")
