@@ -93,6 +93,8 @@ class T5Config:
       raise ValueError("is_decoder=True (a decoder-only T5) is not supported; "
                        "use the encoder-decoder T5ForConditionalGeneration config")
     scale = getattr(hf_config, "scale_decoder_outputs", get("tie_word_embeddings", True))
+    if get("model_type", "t5") == "mt5":
+      scale = False  # transformers' MT5 never rescales the decoder output (heads are untied)
     pad = get("pad_token_id")
     start = getattr(hf_config, "decoder_start_token_id", None)
     eos = get("eos_token_id")
