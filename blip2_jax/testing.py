@@ -85,8 +85,9 @@ def perturb_(model, seed: int = 0, scale: float = 0.3):
 
 
 def save_tiny(path: str, arch: str = "Blip2ForConditionalGeneration", family: str | None = "opt",
-              seed: int = 0, **config_kw) -> str:
-  """Builds a tiny random HF model of class `arch`, saves it to `path`, returns the path."""
+              seed: int = 0, tokenizer: bool = True, **config_kw) -> str:
+  """Builds a tiny random HF model of class `arch`, saves it (and a word-level tokenizer for its
+  LLM, or a BERT-style one for retrieval models) to `path`, returns the path."""
   import torch
   import transformers
   if arch in ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection", "Blip2TextModelWithProjection"):
@@ -97,4 +98,55 @@ def save_tiny(path: str, arch: str = "Blip2ForConditionalGeneration", family: st
   perturb_(model, seed)
   os.makedirs(path, exist_ok=True)
   model.save_pretrained(path)
+  if tokenizer:
+    tiny_tokenizer(family).save_pretrained(path)
   return path
+
+
+WORDS = ("a photo of the an in on with and is are cat dog bird car tree red blue green yellow "
+         "black white small big two three one four man woman person sitting standing next to "
+         "table grass street sky water field picture image question answer short what how many "
+         "color there this that at near under over front behind left right top bottom circle "
+         "square triangle shape round large tiny old young playing running eating holding looking "
+         "orange purple brown pink gray house road boat train plane horse cow sheep").split()
+
+
+def _word_tokenizer(vocab_size: int, specials: dict, template: str | None, **tok_kw):
+  """A word-level fast tokenizer over WORDS (+ filler words) with `specials` at fixed ids."""
+  import transformers
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  vocab = dict(specials)
+  words = iter(list(WORDS) + [f"w{i}" for i in range(vocab_size)])
+  for i in range(vocab_size):
+    if i not in vocab.values():
+      w = next(words)
+      while w in vocab:
+        w = next(words)
+      vocab[w] = i
+  unk = tok_kw.get("unk_token", next(iter(specials)))
+  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  if template:
+    special_ids = [(t, vocab[t]) for t in specials if t in template]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=special_ids)
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **tok_kw)
+
+
+def tiny_tokenizer(family: str | None):
+  """Word-level tokenizers with the special-token layout of each family (ids as the tiny configs):
+  OPT (pad 1, bos = eos 2, BOS prepended), LLaMA (pad 0, bos 1, eos 2, BOS prepended), T5 (pad 0,
+  eos 1 appended), and a BERT-style one for the Q-Former ([PAD] 0 ... [CLS] text [SEP])."""
+  if family == "opt":
+    return _word_tokenizer(VOCAB, {"<pad>": 1, "</s>": 2, "<unk>": 3, "<image>": VOCAB - 1}, "</s> $A",
+                           pad_token="<pad>", bos_token="</s>", eos_token="</s>", unk_token="<unk>")
+  if family == "llama":
+    return _word_tokenizer(VOCAB, {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": VOCAB - 1},
+                           "<s> $A", pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+  if family == "t5":
+    return _word_tokenizer(VOCAB, {"<pad>": 0, "</s>": 1, "<unk>": 2, "<image>": VOCAB - 1}, "$A </s>",
+                           pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+  if family is None or family == "bert":
+    return _word_tokenizer(99, {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "[DEC]": 98},
+                           "[CLS] $A [SEP]", pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                           sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]")
+  raise ValueError(f"unknown family {family!r}")
