@@ -100,6 +100,8 @@ def save_tiny(path: str, arch: str = "Blip2ForConditionalGeneration", family: st
   model.save_pretrained(path)
   if tokenizer:
     tiny_tokenizer(family).save_pretrained(path)
+    if arch.startswith("InstructBlip"):  # InstructBlipProcessor's layout
+      tiny_tokenizer("bert").save_pretrained(os.path.join(path, "qformer_tokenizer"))
   return path
 
 
