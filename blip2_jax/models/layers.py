@@ -247,6 +247,21 @@ def causal_bias(t: int, s: int | None = None, offset: int = 0) -> Array:
   return mask_to_bias(allowed)[None, None]
 
 
+def cached_causal_bias(key_mask: Array | None, t: int, s: int, index) -> Array:
+  """(B|1, 1, T, S) bias for T queries written at cache slots index..index+T-1 of an S-slot
+  key/value cache: slot j is visible to query i if j <= index + i and key_mask[j] (B, S)."""
+  allowed = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + index)[None, None]
+  if key_mask is not None:
+    allowed = allowed & key_mask.astype(bool)[:, None, None, :]
+  return mask_to_bias(allowed)
+
+
+def cache_update(cache: Array, new: Array, index) -> Array:
+  """Writes `new` (B, T, ...) into `cache` (B, S, ...) at slots index..index+T-1 (traced index)."""
+  start = (0, index) + (0,) * (cache.ndim - 2)
+  return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
+
+
 def causal_padding_bias(mask: Array | None, t: int) -> Array:
   """(B|1, 1, T, T) additive bias: index-causal and, if `mask` (B, T) is given, key padding."""
   allowed = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]
@@ -288,24 +303,41 @@ class LayerStack(nn.Module):
   remat: str = "none"
 
   @nn.compact
-  def __call__(self, x, *args):
+  def __call__(self, x, *args, xs=None):
+    """Without `xs`: layer(x, *args) -> x, returns x.
+
+    With `xs` (a pytree whose leaves have a leading layer axis, e.g. a key/value cache): layer i
+    is called as layer(x, *args, xs_i) -> (x, ys_i) and the stack returns (x, ys), ys stacked on
+    a leading layer axis (scanned inputs/outputs of nn.scan; sliced and re-stacked unrolled)."""
     cls = self.layer_cls
     policy = remat_policy(self.remat)
     if self.remat != "none":
       cls = nn.remat(cls, policy=policy, prevent_cse=not self.scan)
     if self.scan:
+      if xs is None:
+        body = lambda mdl, c, _: (mdl(c, *args), None)
+      else:
+        body = lambda mdl, c, xi: mdl(c, *args, xi)
       scanned = nn.scan(
-          lambda mdl, c, _: (mdl(c, *args), None),
+          body,
           variable_axes={"params": 0},
           split_rngs={"params": True, "dropout": True},
           length=self.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x, _ = scanned(cls(**self.layer_kwargs, name="layers"), x, None)
-      return x
+      x, ys = scanned(cls(**self.layer_kwargs, name="layers"), x, xs)
+      return x if xs is None else (x, ys)
+    ys = []
     for i in range(self.num_layers):
-      x = cls(**self.layer_kwargs, name=f"layers_{i}")(x, *args)
-    return x
+      layer = cls(**self.layer_kwargs, name=f"layers_{i}")
+      if xs is None:
+        x = layer(x, *args)
+      else:
+        x, y = layer(x, *args, jax.tree_util.tree_map(lambda a: a[i], xs))
+        ys.append(y)
+    if xs is None:
+      return x
+    return x, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys)
 
 
 _UNROLLED = re.compile(r"^layers_(\d+)$")

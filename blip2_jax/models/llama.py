@@ -208,15 +208,21 @@ class LlamaAttention(nn.Module):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
   def attend(self, q, k, v, bias):
-    """The attention core; a KV cache would concatenate into k, v before this."""
+    """The attention core: (B, T, N, H) queries against (B, S, K, H) keys/values."""
     cfg = self.config
     out = L.attention(q, k, v, bias=bias, scale=cfg.head_dim ** -0.5,
                       implementation=cfg.attn_impl, dtype=L.dtype_of(cfg.dtype))
     return self.o_proj(L.merge_heads(out))
 
-  def __call__(self, x, bias, cos, sin):
+  def __call__(self, x, bias, cos, sin, cache_index=None, cache=None):
+    """With `cache` ({"k", "v"}: (B, S, K, H)) the new rotated keys and values are written at
+    slots cache_index.. and the queries attend over all S slots; returns (out, new cache)."""
     q, k, v = self.qkv(x, cos, sin)
-    return self.attend(q, k, v, bias)
+    if cache is None:
+      return self.attend(q, k, v, bias)
+    k = L.cache_update(cache["k"], k, cache_index)
+    v = L.cache_update(cache["v"], v, cache_index)
+    return self.attend(q, k, v, bias), {"k": k, "v": v}
 
 
 class LlamaMLP(nn.Module):
@@ -235,12 +241,31 @@ class LlamaDecoderLayer(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, bias, cos, sin):
+  def __call__(self, x, bias, cos, sin, cache_index=None, cache=None):
+    """-> x, or (x, new cache) when a per-layer `cache` is given."""
     cfg = self.config
-    h = LlamaAttention(cfg, name="self_attn")(_rms(cfg, "input_layernorm")(x), bias, cos, sin)
+    h = LlamaAttention(cfg, name="self_attn")(_rms(cfg, "input_layernorm")(x), bias, cos, sin,
+                                              cache_index, cache)
+    if cache is not None:
+      h, cache = h
     x = L.constrain(x + h, ACT_AXES)
     h = LlamaMLP(cfg, name="mlp")(_rms(cfg, "post_attention_layernorm")(x))
-    return L.constrain(x + h, ACT_AXES)
+    x = L.constrain(x + h, ACT_AXES)
+    return x if cache is None else (x, cache)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=None) -> dict:
+  """Empty key/value cache {"k", "v"}: (num_layers, batch, max_length, kv_heads, head_dim)."""
+  shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
+  dt = L.dtype_of(dtype or config.dtype)
+  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+def generation_position_ids(mask):
+  """Positions HF `generate` feeds for a (B, T) prompt mask: `cumsum(mask) - 1`, pads 0
+  (GenerationMixin._prepare_position_ids_for_generation, transformers 5.23)."""
+  mask = mask.astype(jnp.int32)
+  return jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=1) - 1)
 
 
 class LlamaModel(nn.Module):
@@ -254,24 +279,33 @@ class LlamaModel(nn.Module):
     self.norm = _rms(cfg, "norm")
 
   @nn.compact
-  def __call__(self, inputs_embeds, attention_mask=None, position_ids=None):
+  def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, cache=None,
+               cache_index=None):
+    """Without `cache`: a full forward, `attention_mask` (B, T). With `cache` (init_cache,
+    S slots) the T inputs sit at slots cache_index..cache_index+T-1, `attention_mask` (B, S)
+    marks valid slots (None: all), and the result is (hidden, new cache)."""
     cfg = self.config
     b, t = inputs_embeds.shape[:2]
+    if position_ids is None and cache is not None:
+      position_ids = (cache_index + jnp.arange(t))[None]  # as HF's arange + past length
     if position_ids is None:
       position_ids = jnp.arange(t)[None]  # HF: arange positions even with left padding
     position_ids = jnp.asarray(position_ids)
     position_ids = position_ids[None] if position_ids.ndim == 1 else position_ids
     # = HF create_causal_mask on a default forward (use_cache=True, so no packed-sequence
     # detection): explicit position_ids move RoPE only, never the mask.
-    bias = L.causal_padding_bias(attention_mask, t)
     x = L.constrain(inputs_embeds.astype(L.dtype_of(cfg.dtype)), ACT_AXES)
     cos, sin = rope_cos_sin(cfg, jnp.broadcast_to(position_ids, (position_ids.shape[0], t)),
                             L.dtype_of(cfg.dtype))
     stack = L.LayerStack(LlamaDecoderLayer, {"config": cfg}, cfg.num_hidden_layers,
                          scan=cfg.scan, remat=cfg.remat)
     nn.share_scope(self, stack)  # layers appear as model/layers_{i}, like HF
-    x = stack(x, bias, cos, sin)
-    return L.constrain(self.norm(x), ACT_AXES)
+    if cache is None:
+      x = stack(x, L.causal_padding_bias(attention_mask, t), cos, sin)
+      return L.constrain(self.norm(x), ACT_AXES)
+    bias = L.cached_causal_bias(attention_mask, t, cache["k"].shape[2], cache_index)
+    x, cache = stack(x, bias, cos, sin, cache_index, xs=cache)
+    return L.constrain(self.norm(x), ACT_AXES), cache
 
 
 class LlamaForCausalLM(nn.Module):
@@ -289,7 +323,9 @@ class LlamaForCausalLM(nn.Module):
     return self.model.embed_tokens(input_ids)
 
   def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-               deterministic: bool = True):
+               deterministic: bool = True, cache=None, cache_index=None):
+    """-> dict(logits, last_hidden_state[, cache]). With `cache` (init_cache) and `cache_index`
+    (int32 scalar, may be traced): cached decoding, `attention_mask` (B, S) over cache slots."""
     cfg = self.config
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -299,13 +335,18 @@ class LlamaForCausalLM(nn.Module):
       inputs_embeds = self.embed_tokens(input_ids)
     elif self.is_initializing():
       self.embed_tokens(jnp.zeros((1, 1), jnp.int32))  # create the table on an embeds-only init
-    h = self.model(inputs_embeds, attention_mask, position_ids)
+    h = self.model(inputs_embeds, attention_mask, position_ids, cache, cache_index)
+    if cache is not None:
+      h, cache = h
     if cfg.tie_word_embeddings:
       logits = self.model.embed_tokens.attend(h)
     else:
       logits = self.lm_head(h)
     logits = L.constrain(logits, (L.BATCH, L.LENGTH, "activation_vocab"))
-    return {"logits": logits, "last_hidden_state": h}
+    out = {"logits": logits, "last_hidden_state": h}
+    if cache is not None:
+      out["cache"] = cache
+    return out
 
 
 # ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from blip2_jax.models import layers as L
@@ -146,15 +147,22 @@ class OPTAttention(nn.Module):
     return tuple(L.split_heads(t, cfg.num_attention_heads) for t in (q, k, v))
 
   def attend(self, q, k, v, bias):
-    """The attention core on (B, T, N, H); a KV cache would concatenate into k, v before this."""
+    """The attention core on (B, T, N, H) queries against (B, S, N, H) keys/values."""
     cfg = self.config
     out = L.attention(q, k, v, bias=bias, scale=1.0, implementation=cfg.attn_impl,
                       dtype=L.dtype_of(cfg.dtype))
     return self.out_proj(L.merge_heads(out))
 
-  def __call__(self, x, bias):
+  def __call__(self, x, bias, cache_index=None, cache=None):
+    """With `cache` ({"k", "v"}: (B, S, N, H)) the new keys/values are written at slots
+    cache_index.. and the queries attend over all S slots (`bias` masks them); returns
+    (out, new cache)."""
     q, k, v = self.qkv(x)
-    return self.attend(q, k, v, bias)
+    if cache is None:
+      return self.attend(q, k, v, bias)
+    k = L.cache_update(cache["k"], k, cache_index)
+    v = L.cache_update(cache["v"], v, cache_index)
+    return self.attend(q, k, v, bias), {"k": k, "v": v}
 
 
 class OPTDecoderLayer(nn.Module):
@@ -162,7 +170,8 @@ class OPTDecoderLayer(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, bias):
+  def __call__(self, x, bias, cache_index=None, cache=None):
+    """-> x, or (x, new cache) when a per-layer `cache` is given."""
     cfg = self.config
     pre = cfg.do_layer_norm_before
     drop = nn.Dropout(cfg.dropout)
@@ -171,7 +180,9 @@ class OPTDecoderLayer(nn.Module):
 
     residual = x
     h = _norm(cfg, "self_attn_layer_norm")(x) if pre else x
-    h = OPTAttention(cfg, name="self_attn")(h, bias)
+    h = OPTAttention(cfg, name="self_attn")(h, bias, cache_index, cache)
+    if cache is not None:
+      h, cache = h
     x = residual + drop(h, deterministic=self.deterministic)
     if not pre:
       x = _norm(cfg, "self_attn_layer_norm")(x)
@@ -185,13 +196,21 @@ class OPTDecoderLayer(nn.Module):
     x = residual + drop(h, deterministic=self.deterministic)
     if not pre:
       x = _norm(cfg, "final_layer_norm")(x)
-    return L.constrain(x, ACT_AXES)
+    x = L.constrain(x, ACT_AXES)
+    return x if cache is None else (x, cache)
 
 
 def position_ids_from_mask(mask):
   """HF OPT: `cumsum(mask) * mask - 1` (left padding shifts positions; pads get -1)."""
   mask = mask.astype(jnp.int32)
   return jnp.cumsum(mask, axis=1) * mask - 1
+
+
+def init_cache(config: OPTConfig, batch: int, max_length: int, dtype=None) -> dict:
+  """Empty key/value cache {"k", "v"}: (num_layers, batch, max_length, heads, head_dim)."""
+  shape = (config.num_hidden_layers, batch, max_length, config.num_attention_heads, config.head_dim)
+  dt = L.dtype_of(dtype or config.dtype)
+  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 
 
 class OPTDecoder(nn.Module):
@@ -213,11 +232,21 @@ class OPTDecoder(nn.Module):
       self.final_layer_norm = _norm(cfg, "final_layer_norm")
 
   @nn.compact
-  def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, deterministic=True):
+  def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, deterministic=True,
+               cache=None, cache_index=None):
+    """Without `cache`: a full forward, `attention_mask` (B, T). With `cache` (see init_cache,
+    S slots) the T inputs sit at slots cache_index..cache_index+T-1, `attention_mask` (B, S)
+    marks valid slots (None: all), and the result is (hidden, new cache)."""
     cfg = self.config
     b, t = inputs_embeds.shape[:2]
     if cfg.layerdrop > 0 and not deterministic:
       raise NotImplementedError("layerdrop > 0 in training is not implemented")
+    if position_ids is None and cache is not None:
+      if attention_mask is None:
+        position_ids = (cache_index + jnp.arange(t))[None]
+      else:
+        position_ids = jax.lax.dynamic_slice_in_dim(position_ids_from_mask(attention_mask),
+                                                    cache_index, t, axis=1)
     if position_ids is None:
       pos_mask = attention_mask if attention_mask is not None else jnp.ones((b, t), jnp.int32)
       position_ids = position_ids_from_mask(pos_mask)
@@ -226,16 +255,21 @@ class OPTDecoder(nn.Module):
     if cfg.has_projections:
       x = self.project_in(x)
     x = L.constrain(x + pos, ACT_AXES)
-    bias = L.causal_padding_bias(attention_mask, t)
     stack = L.LayerStack(OPTDecoderLayer, {"config": cfg, "deterministic": deterministic},
                          cfg.num_hidden_layers, scan=cfg.scan, remat=cfg.remat)
     nn.share_scope(self, stack)  # layers appear as decoder/layers_{i}, like HF
-    x = stack(x, bias)
+    if cache is None:
+      x = stack(x, L.causal_padding_bias(attention_mask, t))
+    else:
+      s = cache["k"].shape[2]
+      bias = L.cached_causal_bias(attention_mask, t, s, cache_index)
+      x, cache = stack(x, bias, cache_index, xs=cache)
     if cfg.has_final_layer_norm:
       x = self.final_layer_norm(x)
     if cfg.has_projections:
       x = self.project_out(x)
-    return L.constrain(x, ACT_AXES)
+    x = L.constrain(x, ACT_AXES)
+    return x if cache is None else (x, cache)
 
 
 class OPTModel(nn.Module):
@@ -247,8 +281,10 @@ class OPTModel(nn.Module):
   def embed_tokens(self, input_ids):
     return self.decoder.embed_tokens(input_ids)
 
-  def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, deterministic=True):
-    return self.decoder(inputs_embeds, attention_mask, position_ids, deterministic)
+  def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, deterministic=True,
+               cache=None, cache_index=None):
+    return self.decoder(inputs_embeds, attention_mask, position_ids, deterministic, cache,
+                        cache_index)
 
 
 class OPTForCausalLM(nn.Module):
@@ -268,20 +304,27 @@ class OPTForCausalLM(nn.Module):
     return self.model.embed_tokens(input_ids)
 
   def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-               deterministic: bool = True):
+               deterministic: bool = True, cache=None, cache_index=None):
+    """-> dict(logits, last_hidden_state[, cache]). With `cache` (init_cache) and `cache_index`
+    (int32 scalar, may be traced): cached decoding, `attention_mask` (B, S) over cache slots."""
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids or inputs_embeds")
     if input_ids is not None:
       inputs_embeds = self.embed_tokens(input_ids)
     elif self.is_initializing():
       self.embed_tokens(jnp.zeros((1, 1), jnp.int32))  # create the table on an embeds-only init
-    h = self.model(inputs_embeds, attention_mask, position_ids, deterministic)
+    h = self.model(inputs_embeds, attention_mask, position_ids, deterministic, cache, cache_index)
+    if cache is not None:
+      h, cache = h
     if self.config.tie_word_embeddings:
       logits = self.model.decoder.embed_tokens.attend(h)
     else:
       logits = self.lm_head(h)
     logits = L.constrain(logits, (L.BATCH, L.LENGTH, "activation_vocab"))
-    return {"logits": logits, "last_hidden_state": h}
+    out = {"logits": logits, "last_hidden_state": h}
+    if cache is not None:
+      out["cache"] = cache
+    return out
 
 
 # ----------------------------------------------------------------------------------------

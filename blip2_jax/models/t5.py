@@ -215,23 +215,35 @@ def _norm(cfg: T5Config, name: str) -> L.LayerNorm:
 class T5Attention(nn.Module):
   """Self- or cross-attention without score scaling; `bias` holds position bias + mask.
 
-  The one place decoder keys/values are formed, so a cache can be threaded through later.
+  The one place decoder keys/values are formed. With `cache` ({"k", "v"}: (B, S, N, H)) it
+  returns (out, new cache): self-attention writes the new keys/values at slots cache_index..;
+  cross-attention (cache_index None) projects `kv` into a fresh cache, or, with kv None, reuses
+  the cached encoder keys/values.
   """
   config: T5Config
 
   @nn.compact
-  def __call__(self, x, kv=None, bias=None):
+  def __call__(self, x, kv=None, bias=None, cache=None, cache_index=None):
     cfg = self.config
     inner = cfg.num_heads * cfg.d_kv
     dense = functools.partial(L.Dense, use_bias=False, dtype=cfg.jdtype,
                               param_dtype=cfg.jparam_dtype, init_std=cfg.d_model ** -0.5)
-    kv = x if kv is None else kv
     q = L.split_heads(dense(inner, ("embed", "heads"), name="q")(x), cfg.num_heads)
-    k = L.split_heads(dense(inner, ("embed", "heads"), name="k")(kv), cfg.num_heads)
-    v = L.split_heads(dense(inner, ("embed", "heads"), name="v")(kv), cfg.num_heads)
+    if cache is not None and cache_index is None and kv is None:
+      k, v = cache["k"], cache["v"]  # cross-attention K/V computed once from the encoder
+    else:
+      kv = x if kv is None else kv
+      k = L.split_heads(dense(inner, ("embed", "heads"), name="k")(kv), cfg.num_heads)
+      v = L.split_heads(dense(inner, ("embed", "heads"), name="v")(kv), cfg.num_heads)
+      if cache is not None and cache_index is not None:
+        k = L.cache_update(cache["k"], k, cache_index)
+        v = L.cache_update(cache["v"], v, cache_index)
     out = L.attention(q, k, v, bias=bias, scale=1.0, implementation=cfg.attn_impl,
                       dtype=cfg.jdtype)
-    return dense(cfg.d_model, ("heads", "embed"), name="o")(L.merge_heads(out))
+    out = dense(cfg.d_model, ("heads", "embed"), name="o")(L.merge_heads(out))
+    if cache is None:
+      return out
+    return out, {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
 
 
 class T5FeedForward(nn.Module):
@@ -263,17 +275,32 @@ class T5Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, self_bias, encoder_hidden_states=None, cross_bias=None):
+  def __call__(self, x, self_bias, encoder_hidden_states=None, cross_bias=None, cache_index=None,
+               cache=None):
+    """With a per-layer decoder `cache` {"k", "v", "ck", "cv"} returns (x, new cache); the
+    cross-attention K/V ("ck", "cv") are recomputed only when encoder_hidden_states is given."""
     cfg = self.config
     drop = lambda h: nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-    h = T5Attention(cfg, name="SelfAttention")(_norm(cfg, "self_attention_norm")(x), bias=self_bias)
+    self_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    h = T5Attention(cfg, name="SelfAttention")(_norm(cfg, "self_attention_norm")(x), bias=self_bias,
+                                               cache=self_cache, cache_index=cache_index)
+    if cache is not None:
+      h, self_cache = h
     x = L.constrain(x + drop(h), ACT)
     if self.is_decoder:
+      cross_cache = None if cache is None else {"k": cache["ck"], "v": cache["cv"]}
       h = T5Attention(cfg, name="EncDecAttention")(
-          _norm(cfg, "cross_attention_norm")(x), kv=encoder_hidden_states, bias=cross_bias)
+          _norm(cfg, "cross_attention_norm")(x), kv=encoder_hidden_states, bias=cross_bias,
+          cache=cross_cache)
+      if cache is not None:
+        h, cross_cache = h
       x = L.constrain(x + drop(h), ACT)
     h = T5FeedForward(cfg, self.deterministic, name="DenseReluDense")(_norm(cfg, "ff_norm")(x))
-    return L.constrain(x + drop(h), ACT)
+    x = L.constrain(x + drop(h), ACT)
+    if cache is None:
+      return x
+    return x, {"k": self_cache["k"], "v": self_cache["v"], "ck": cross_cache["k"],
+               "cv": cross_cache["v"]}
 
 
 def position_bias(table: L.Embed, q_len: int, k_len: int, *, bidirectional: bool,
@@ -294,16 +321,26 @@ class T5Stack(nn.Module):
 
   @nn.compact
   def __call__(self, x, self_mask, encoder_hidden_states=None, cross_mask=None,
-               deterministic: bool = True):
-    """`self_mask` bool (B|1, 1|T, S), True = keep; `cross_mask` bool (B, S_enc)."""
+               deterministic: bool = True, cache=None, cache_index=None):
+    """`self_mask` bool (B|1, 1|T, S), True = keep; `cross_mask` bool (B, S_enc).
+
+    Cached decoding (decoder only, `cache` from init_cache with S slots): the T inputs sit at
+    slots cache_index..cache_index+T-1, `self_mask` is None or (B, S) over slots, and the
+    result is (x, new cache); encoder_hidden_states None reuses the cached cross K/V."""
     cfg = self.config
     table = L.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, dtype=jnp.float32,
                     param_dtype=cfg.jparam_dtype, init_std=cfg.d_model ** -0.5,
                     axes=("relpos", None), name="relative_attention_bias")
     t = x.shape[1]
-    # Computed once: HF's layer 0 owns the table and every later layer reuses its bias.
-    bias = position_bias(table, t, t, bidirectional=not self.is_decoder, config=cfg)
-    if self_mask is not None:
+    if cache is not None:
+      s = cache["k"].shape[2]
+      # HF: the bias of the full key length, its last T query rows (queries at cache_index..).
+      bias = position_bias(table, t, s, bidirectional=False, config=cfg, offset=cache_index)
+      bias = bias + L.cached_causal_bias(self_mask, t, s, cache_index)
+    else:
+      # Computed once: HF's layer 0 owns the table and every later layer reuses its bias.
+      bias = position_bias(table, t, t, bidirectional=not self.is_decoder, config=cfg)
+    if self_mask is not None and cache is None:
       bias = bias + L.mask_to_bias(self_mask)[:, None]
     x = L.constrain(x, ACT)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
@@ -315,11 +352,27 @@ class T5Stack(nn.Module):
         cross_bias = L.mask_to_bias(cross_mask)[:, None, None, :]  # layers.attention expands it for cuDNN
       args = (bias, encoder_hidden_states, cross_bias)
     n = cfg.num_decoder_layers if self.is_decoder else cfg.num_layers
-    x = L.LayerStack(T5Block, {"config": cfg, "is_decoder": self.is_decoder,
-                               "deterministic": deterministic},
-                     n, scan=cfg.scan, remat=cfg.remat, name="block")(x, *args)
+    stack = L.LayerStack(T5Block, {"config": cfg, "is_decoder": self.is_decoder,
+                                   "deterministic": deterministic},
+                         n, scan=cfg.scan, remat=cfg.remat, name="block")
+    if cache is None:
+      x = stack(x, *args)
+    else:
+      x, cache = stack(x, *args, cache_index, xs=cache)
     x = _norm(cfg, "final_layer_norm")(x)
-    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return x if cache is None else (x, cache)
+
+
+def init_cache(config: T5Config, batch: int, max_length: int, encoder_length: int,
+               dtype=None) -> dict:
+  """Empty decoder cache: self-attention "k", "v" (layers, batch, max_length, heads, d_kv) and
+  cross-attention "ck", "cv" (layers, batch, encoder_length, heads, d_kv)."""
+  dt = L.dtype_of(dtype or config.dtype)
+  n, h, d = config.num_decoder_layers, config.num_heads, config.d_kv
+  self_shape, cross_shape = (n, batch, max_length, h, d), (n, batch, encoder_length, h, d)
+  return {"k": jnp.zeros(self_shape, dt), "v": jnp.zeros(self_shape, dt),
+          "ck": jnp.zeros(cross_shape, dt), "cv": jnp.zeros(cross_shape, dt)}
 
 
 class T5ForConditionalGeneration(nn.Module):
@@ -349,8 +402,20 @@ class T5ForConditionalGeneration(nn.Module):
     return self.encoder(x, mask, deterministic=deterministic)
 
   def decode(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask=None,
-             decoder_attention_mask=None, deterministic: bool = True):
-    """Decoder pass over the full target (causal + padding) -> dict(logits, last_hidden_state)."""
+             decoder_attention_mask=None, deterministic: bool = True, cache=None,
+             cache_index=None):
+    """Decoder pass over the full target (causal + padding) -> dict(logits, last_hidden_state).
+
+    Cached decoding: `cache` (init_cache) and `cache_index` (int32 scalar, may be traced) put
+    the inputs at slots cache_index..; `decoder_attention_mask` is None or (B, S) over slots;
+    pass encoder_hidden_states on the first call (fills the cross K/V) and None afterwards.
+    The result then also holds "cache"."""
+    if cache is not None:
+      cross = None if encoder_attention_mask is None else encoder_attention_mask.astype(bool)
+      h, cache = self.decoder(self.shared(decoder_input_ids), decoder_attention_mask,
+                              encoder_hidden_states, cross, deterministic=deterministic,
+                              cache=cache, cache_index=cache_index)
+      return {"logits": self.logits(h), "last_hidden_state": h, "cache": cache}
     t = decoder_input_ids.shape[1]
     keep = jnp.tril(jnp.ones((t, t), bool))[None]  # (1, T, T)
     if decoder_attention_mask is not None:
