@@ -34,21 +34,27 @@ ARCHITECTURES = {
 
 
 
+# family -> (config class, language-model module)
+TEXT_CLASSES = {
+    "opt": (opt.OPTConfig, opt.OPTForCausalLM),
+    "t5": (t5.T5Config, t5.T5ForConditionalGeneration),
+    "llama": (llama.LlamaConfig, llama.LlamaForCausalLM),
+}
+
+
 def text_family(text_cfg) -> str:
-  for name, mod in TEXT_MODELS.items():
-    if isinstance(text_cfg, _config_class(mod)):
+  for name, (config_cls, _) in TEXT_CLASSES.items():
+    if isinstance(text_cfg, config_cls):
       return name
   raise TypeError(f"unsupported text config {type(text_cfg).__name__}")
 
 
-def _config_class(mod):
-  return {"opt": getattr(mod, "OPTConfig", None), "t5": getattr(mod, "T5Config", None),
-          "llama": getattr(mod, "LlamaConfig", None)}[mod.__name__.rsplit(".", 1)[-1]]
+def _config_class(family: str):
+  return TEXT_CLASSES[family][0]
 
 
 def _lm_class(family: str):
-  return {"opt": opt.OPTForCausalLM, "t5": t5.T5ForConditionalGeneration,
-          "llama": llama.LlamaForCausalLM}[family]
+  return TEXT_CLASSES[family][1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +100,7 @@ class Blip2Config:
       if family is None:
         raise ValueError(f"text_config.model_type {tc.model_type!r} is not supported "
                          "(supported: opt, t5, llama)")
-      text = _config_class(TEXT_MODELS[family]).from_hf(tc, **runtime)
+      text = _config_class(family).from_hf(tc, **runtime)
     return cls(
         vision=vit.VisionConfig.from_hf(hf_config.vision_config, **runtime),
         qformer=qformer.QFormerConfig.from_hf(hf_config.qformer_config, **q_runtime),
@@ -150,10 +156,6 @@ def _query_tokens(module, cfg: Blip2Config):
   return module.param(
       "query_tokens", nn.with_logical_partitioning(L.normal_init(cfg.initializer_range), (None, None, "embed")),
       (1, cfg.num_query_tokens, cfg.qformer.hidden_size), jnp.float32)
-
-
-def _ones(shape, like=jnp.int32):
-  return jnp.ones(shape, like)
 
 
 class _VisionQueries(nn.Module):

@@ -78,7 +78,7 @@ def text_config_from_dir(llm_dir: str, **runtime):
   from blip2_jax.models import blip2, t5
   hf = _auto_config(llm_dir, "language_model", _TEXT_TYPES)
   family = _TEXT_TYPES[hf.model_type]
-  cls = blip2._config_class(blip2.TEXT_MODELS[family])
+  cls = blip2._config_class(family)
   if family == "t5":
     return cls.from_hf(hf, tie_word_embeddings=not t5.checkpoint_has_lm_head(llm_dir), **runtime)
   return cls.from_hf(hf, **runtime)
