@@ -288,6 +288,20 @@ class Blip2ForImageTextRetrieval(_VisionQueries):
     h = out["last_hidden_state"][:, :q.shape[1]]
     return self.itm_head(h).astype(jnp.float32).mean(axis=1), out
 
+  def itg_hidden(self, image_embeds, input_ids, attention_mask=None, deterministic=True):
+    """ITG (image-grounded generation) pass: [queries; text] under the UniLM mask (queries see
+    queries, text sees every query and earlier text). Returns the text positions' hidden states
+    (B, T, H) for the Q-Former LM head (`qformer.QFormerLMHead`, kept outside the HF layout).
+    `input_ids` start with [DEC] (the tokenizer's bos), as LAVIS."""
+    b = image_embeds.shape[0]
+    q = jnp.broadcast_to(self.query_tokens, (b,) + self.query_tokens.shape[1:])
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    mask = qformer.itg_mask(q.shape[1], attention_mask)
+    out = self.qformer(q, text_embeds=self.embeddings(input_ids), attention_mask=mask,
+                       encoder_hidden_states=image_embeds, deterministic=deterministic)
+    return out["last_hidden_state"][:, q.shape[1]:]
+
   def __call__(self, pixel_values, input_ids, attention_mask=None, use_image_text_matching_head=False,
                interpolate_pos_encoding=False, deterministic=True):
     if use_image_text_matching_head or self.is_initializing():

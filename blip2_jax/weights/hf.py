@@ -88,3 +88,56 @@ def save_pretrained(model, params, path: str, *, dtype=None, max_shard_bytes: in
   if floats:
     hf_cfg.dtype = jnp.dtype(dtype).name if dtype is not None else max(floats, key=lambda v: v.size).dtype.name
   hf_cfg.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------
+# stage-1 extras: the Q-Former LM head (ITG) and the ITC temperature
+
+QFORMER_HEAD_NAME = "qformer_lm_head.safetensors"
+_HEAD_PREFIX = "cls.predictions."
+
+
+def save_qformer_head(path: str, model, lm_head_params, temp=None) -> str:
+  """Writes the Q-Former LM head (BERT `cls.predictions.*` names; tied head: no decoder weight)
+  and, if given, the ITC temperature (`temp`, a scalar as LAVIS) to `path/qformer_lm_head.safetensors`.
+  HF BLIP-2 classes have no slot for either, so they live beside the HF files; transformers
+  ignores the file. Returns the file path."""
+  import numpy as np
+  from blip2_jax.models import qformer
+  tied = "decoder" not in lm_head_params
+  tensors = io.to_state_dict(lm_head_params, qformer.lm_head_hf_rules(model.config.qformer, tied, _HEAD_PREFIX))
+  if temp is not None:
+    tensors["temp"] = np.asarray(jax.device_get(temp), np.float32).reshape(())
+  os.makedirs(path, exist_ok=True)
+  out = os.path.join(path, QFORMER_HEAD_NAME)
+  io.write_safetensors(out, tensors)
+  return out
+
+
+def has_qformer_head(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, QFORMER_HEAD_NAME))
+
+
+def load_qformer_head(path: str, model):
+  """-> (lm_head_params, temp or None) from `path/qformer_lm_head.safetensors` (see save_qformer_head).
+
+  Raises FileNotFoundError saying where the head comes from when the file is absent (HF's
+  Blip2ForImageTextRetrieval checkpoints do not ship one)."""
+  from blip2_jax.models import qformer
+  f = os.path.join(path, QFORMER_HEAD_NAME)
+  if not os.path.isfile(f):
+    raise FileNotFoundError(
+        f"{path} has no {QFORMER_HEAD_NAME}: the Q-Former LM head (ITG, for stage-1 captioning) is not part "
+        "of HF's Blip2ForImageTextRetrieval checkpoints. It is written by stage-1 training, by "
+        "weights.hf.save_qformer_head(dir, model, report['qformer_lm_head']) after weights.towers, or "
+        "from a LAVIS checkpoint's extras (weights.lavis.qformer_head_params)")
+  reader = io.SafetensorsReader(f)
+  keys = set(reader.keys())
+  tied = _HEAD_PREFIX + "decoder.weight" not in keys
+  cfg = model.config.qformer
+  head = qformer.QFormerLMHead(cfg, tied)
+  abstract = io.abstract_params(head, *qformer.init_args(cfg)[0])
+  params = io.load_params(reader, qformer.lm_head_hf_rules(cfg, tied, _HEAD_PREFIX), abstract,
+                          ignore=[r"temp", r"cls\.predictions\.decoder\.bias"], name=f)
+  temp = jnp.asarray(reader.get("temp"), jnp.float32) if "temp" in keys else None
+  return params, temp

@@ -197,7 +197,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
   header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
   offset, arrays = 0, []
   for k, v in tensors.items():
-    v = np.ascontiguousarray(np.asarray(v))
+    v = np.asarray(v, order="C")  # not ascontiguousarray: it turns 0-d scalars into shape (1,)
     if v.dtype not in _ST_NAMES:
       raise ValueError(f"cannot write tensor {k!r} of dtype {v.dtype} to safetensors")
     header[k] = {"dtype": _ST_NAMES[v.dtype], "shape": list(v.shape),

@@ -127,3 +127,22 @@ def load_lavis(pth_path: str, config, *, llm_dir: str | None = None, mesh=None, 
   params = io.load_params(reader, rules, abstract, mesh=mesh,
                           axis_rules=axis_rules, ignore=blip2.hf_ignore(config))
   return model, params, lavis_extras(state)
+
+
+def qformer_head_params(extras: dict, model):
+  """(lm_head_params, temp) from `lavis_extras`: the Q-Former LM head for `qformer.QFormerLMHead`
+  (tied to the word embeddings, as LAVIS; the saved `decoder.weight` is that same table) and the
+  ITC temperature. Save them beside an HF directory with `weights.hf.save_qformer_head`."""
+  import jax.numpy as jnp
+  from blip2_jax.models import qformer
+  cfg = model.config.qformer
+  prefix = "Qformer.cls.predictions."
+  if not any(k.startswith(prefix) for k in extras):
+    raise io.CheckpointError("this LAVIS checkpoint holds no Q-Former LM head (Qformer.cls.predictions.*): "
+                             "stage-2 checkpoints drop it; use a stage-1 one (blip2_pretrained.pth)")
+  head = qformer.QFormerLMHead(cfg, True)
+  abstract = io.abstract_params(head, *qformer.init_args(cfg)[0])
+  params = io.load_params(io.DictReader(extras, "LAVIS extras"), qformer.lm_head_hf_rules(cfg, True, prefix),
+                          abstract, ignore=[r"temp", re.escape(prefix) + r"decoder\.(weight|bias)"])
+  temp = jnp.asarray(extras["temp"], jnp.float32).reshape(()) if "temp" in extras else None
+  return params, temp

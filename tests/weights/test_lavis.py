@@ -17,6 +17,7 @@ Measured max abs diffs (float32, CPU, values of order 1-4): stage 1 retrieval: v
 (scanned 2.3e-6), ITC 7.5e-8, ITM 3.7e-8, image/text embeds 8.9e-8 / 6.0e-8; stage 2 OPT:
 vision 2.2e-6, qformer 1.2e-6, projection 1.2e-7, logits 1.1e-6.
 """
+import jax
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,7 @@ import transformers as T
 
 from blip2_jax import parity, testing
 from blip2_jax.models import blip2
+from blip2_jax.weights import hf as hf_io
 from blip2_jax.weights import io, lavis
 
 TOL = 4e-6
@@ -130,6 +132,17 @@ def test_stage1_retrieval(tmp_path):
   assert {"vision", "itc_logits_per_image", "itm_logits_per_image", "text_embeds"} <= set(rows)
   assert set(extras) == {"temp"} | {k for k in lv if k.startswith("Qformer.cls.predictions.")}
   np.testing.assert_allclose(extras["temp"], 0.07, rtol=1e-7)
+  # the LM head + temp for stage-1 captioning / training, and their file beside the HF directory
+  head, temp = lavis.qformer_head_params(extras, model)
+  p = "Qformer.cls.predictions."
+  np.testing.assert_array_equal(head["bias"], lv[p + "bias"].numpy())
+  np.testing.assert_array_equal(head["transform"]["dense"]["kernel"], lv[p + "transform.dense.weight"].numpy().T)
+  hf_io.save_qformer_head(str(tmp_path / "hf"), model, head, temp)
+  head2, temp2 = hf_io.load_qformer_head(str(tmp_path / "hf"), model)
+  for a, b in zip(jax.tree.leaves(head), jax.tree.leaves(head2)):
+    np.testing.assert_array_equal(a, b)
+  assert float(temp2) == pytest.approx(0.07)
+  T.Blip2ForImageTextRetrieval.from_pretrained(str(tmp_path / "hf"))  # HF ignores the extra file
   # scanned load gives the same outputs
   cfg_s = cfg.replace_runtime(scan=True)
   model_s, params_s, _ = lavis.load_lavis(pth, cfg_s)
