@@ -1,0 +1,348 @@
+"""python -m blip2_jax.evaluate --task {caption,vqa,retrieval} --model DIR --annotations FILE --images-dir D
+
+Runs a checkpoint over an evaluation set the way LAVIS evaluates BLIP-2, prints the metrics
+(`name<TAB>value`) and, with `--output results.json`, writes {"task", "model", "annotations",
+"n", "metrics", "predictions"}. Image paths in the annotations are relative to --images-dir.
+`--limit N` keeps the first N images (caption, retrieval) or questions (vqa).
+
+Annotation formats (JSON, or JSON Lines: one record per line):
+- caption (BLEU-1..4 and CIDEr-D, `evaluate_captions`; needs a BLIP-2 / InstructBLIP checkpoint):
+  * LAVIS `coco_karpathy_test.json`: [{"image": "val2014/x.jpg", "caption": ["ref", ...]}, ...]
+    (records whose "caption" is one string, as in the train split, are grouped by image);
+  * COCO `captions_*.json`: {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}
+    (images without a caption are left out).
+  Captions use the LAVIS settings (prompt "a photo of", 5 beams, 8-30 new tokens).
+- vqa (VQAv2 accuracy, `vqa_accuracy`; BLIP-2 / InstructBLIP checkpoint):
+  * LAVIS `vqav2` style: [{"image", "question", "answer": [10 human answers], "question_id"}, ...]
+  * JSONL / JSON list of {"image", "question", "answers"}; answers may also be the official
+    [{"answer": ...}, ...] dicts; question_id is optional (default: the record index).
+  Questions go through LAVIS's question processor (lower-cased, . ! " ( ) * # : ; ~ removed), then
+  the BLIP-2 prompt; 5 beams, 1-10 new tokens, length_penalty -1.
+- retrieval (R@1/5/10 both ways, `retrieval_recall`; Blip2ForImageTextRetrieval checkpoint):
+  * LAVIS `coco_karpathy_test.json` / `flickr30k_test.json`: [{"image", "caption": [5 captions]}, ...]
+  Captions go through LAVIS's caption processor (lower-cased, . ! " ( ) * # : ; ~ to spaces, at
+  most 50 words) and are tokenised to 35 tokens; ITC scores all pairs, the ITM head re-ranks each
+  image's and each text's top --k (128), and recall uses the re-ranked i2t scores for image -> text
+  (txt_r*) and t2i for text -> image (img_r*), as LAVIS.
+
+Errors name what is wrong: a task the checkpoint cannot do, an unreadable annotation file, a record
+missing a key (its index and the key), missing or unreadable images (the files).
+
+From Python, the metric functions are here too:
+
+    from blip2_jax.evaluate import evaluate_captions, vqa_accuracy, retrieval_recall
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from blip2_jax.evaluation import coco_style_maps, evaluate_captions, retrieval_recall, vqa_accuracy  # noqa: F401
+from blip2_jax.evaluation.retrieval import ranks_i2t, ranks_t2i
+
+__all__ = ["evaluate_captions", "vqa_accuracy", "retrieval_recall", "load_caption_annotations",
+           "load_vqa_annotations", "load_retrieval_annotations", "AnnotationError", "main"]
+
+TASKS = ("caption", "vqa", "retrieval")
+
+
+class AnnotationError(ValueError):
+  """An annotation file is unreadable or malformed; the message names the file and the record."""
+
+
+# ----------------------------------------------------------------------------------------
+# LAVIS text processors (lavis/processors/blip_processors.py)
+
+
+def pre_caption(caption: str, max_words: int = 50) -> str:
+  """LAVIS `BlipCaptionProcessor.pre_caption` (eval): lower-case, punctuation to spaces, <= max_words."""
+  caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+  caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+  return " ".join(caption.split(" ")[:max_words])
+
+
+def pre_question(question: str, max_words: int = 50) -> str:
+  """LAVIS `BlipQuestionProcessor.pre_question`: lower-case, drop . ! " ( ) * # : ; ~, <= max_words."""
+  question = re.sub(r"([.!\"()*#:;~])", "", question.lower()).rstrip(" ")
+  return " ".join(question.split(" ")[:max_words])
+
+
+# ----------------------------------------------------------------------------------------
+# annotation files
+
+
+def _read(path: str):
+  if not os.path.isfile(path):
+    raise AnnotationError(f"annotation file not found: {path}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise AnnotationError(f"cannot read annotation file {path}: {e}") from e
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as first:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) < 2:
+      raise AnnotationError(f"{path} is not valid JSON: {first}") from first
+    out = []
+    for n, ln in enumerate(text.splitlines(), 1):
+      if ln.strip():
+        try:
+          out.append(json.loads(ln))
+        except json.JSONDecodeError as e:
+          raise AnnotationError(f"{path} is neither valid JSON ({first}) nor JSON Lines (line {n}: {e})") from e
+    return out
+
+
+def _records(data, path: str) -> list:
+  if isinstance(data, dict) and "image" in data:  # a JSON Lines file of one record
+    return [data]
+  if isinstance(data, dict):
+    for key in ("annotations", "data", "questions"):
+      if isinstance(data.get(key), list):
+        return data[key]
+    raise AnnotationError(f"{path}: expected a list of records, got an object with keys {sorted(data)[:8]}")
+  if not isinstance(data, list):
+    raise AnnotationError(f"{path}: expected a list of records, got {type(data).__name__}")
+  if not data:
+    raise AnnotationError(f"{path} holds no records")
+  return data
+
+
+def _get(rec, i: int, key: str, path: str, types=None):
+  if not isinstance(rec, dict):
+    raise AnnotationError(f"{path}: record {i} is a {type(rec).__name__}, not an object")
+  if key not in rec:
+    raise AnnotationError(f"{path}: record {i} has no {key!r} key (it has {sorted(rec)})")
+  v = rec[key]
+  if types is not None and not isinstance(v, types):
+    names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+    raise AnnotationError(f"{path}: record {i} {key!r} must be a {names}, not {type(v).__name__}")
+  return v
+
+
+def _str_list(v, i: int, key: str, path: str, inner: str | None = None) -> list[str]:
+  out = []
+  for x in ([v] if isinstance(v, str) else v):
+    if inner is not None and isinstance(x, dict):
+      x = _get(x, i, inner, path)  # official VQA answers: [{"answer": ...}]
+    if not isinstance(x, str):
+      raise AnnotationError(f"{path}: record {i} {key!r} must hold strings, found {type(x).__name__}")
+    out.append(x)
+  if not out:
+    raise AnnotationError(f"{path}: record {i} {key!r} is empty")
+  return out
+
+
+def load_caption_annotations(path: str) -> list[dict]:
+  """-> [{"image": relative path, "refs": [caption, ...]}] in file order, one per image."""
+  data = _read(path)
+  if isinstance(data, dict) and "images" in data and "annotations" in data:  # COCO captions_*.json
+    files, order = {}, []
+    for i, im in enumerate(_records(data["images"], path)):
+      iid = _get(im, i, "id", path)
+      files[iid] = _get(im, i, "file_name", path, str)
+      order.append(iid)
+    refs: dict = {}
+    for i, ann in enumerate(data["annotations"]):
+      iid = _get(ann, i, "image_id", path)
+      if iid not in files:
+        raise AnnotationError(f"{path}: annotation {i} has image_id {iid!r}, which is not in 'images'")
+      refs.setdefault(iid, []).append(_get(ann, i, "caption", path, str))
+    out = [{"image": files[iid], "refs": refs[iid]} for iid in order if iid in refs]
+    if not out:
+      raise AnnotationError(f"{path}: no image has a caption")
+    return out
+  grouped: dict = {}
+  for i, rec in enumerate(_records(data, path)):
+    image = _get(rec, i, "image", path, str)
+    caps = _str_list(_get(rec, i, "caption", path, (str, list)), i, "caption", path)
+    grouped.setdefault(image, []).extend(caps)
+  return [{"image": k, "refs": v} for k, v in grouped.items()]
+
+
+def load_vqa_annotations(path: str) -> list[dict]:
+  """-> [{"question_id", "image", "question", "answers": [...]}] in file order."""
+  out = []
+  for i, rec in enumerate(_records(_read(path), path)):
+    image = _get(rec, i, "image", path, str)
+    question = _get(rec, i, "question", path, str)
+    key = "answers" if isinstance(rec, dict) and "answers" in rec else "answer"
+    answers = _str_list(_get(rec, i, key, path, (str, list)), i, key, path, inner="answer")
+    out.append({"question_id": rec.get("question_id", i), "image": image, "question": question,
+                "answers": answers})
+  return out
+
+
+def load_retrieval_annotations(path: str) -> list[dict]:
+  """-> [{"image": relative path, "captions": [...]}] in file order."""
+  out = []
+  for i, rec in enumerate(_records(_read(path), path)):
+    image = _get(rec, i, "image", path, str)
+    caps = _str_list(_get(rec, i, "caption", path, (str, list)), i, "caption", path)
+    out.append({"image": image, "captions": caps})
+  return out
+
+
+def _image_paths(images_dir: str, rel: list[str]) -> list[str]:
+  paths = [os.path.join(images_dir, r) for r in rel]
+  missing = sorted({p for p in paths if not os.path.isfile(p)})
+  if missing:
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    raise SystemExit(f"{len(missing)} image file(s) of the annotations not found under --images-dir "
+                     f"{images_dir}: {', '.join(missing[:5])}{more}")
+  return paths
+
+
+# ----------------------------------------------------------------------------------------
+# the tasks
+
+
+def _run_caption(a, records, paths):
+  from blip2_jax import inference
+  from blip2_jax.caption import load_generation_checkpoint
+  model, params, tok, qtok, proc = load_generation_checkpoint(a.model, a.dtype, "caption evaluation")
+  opts = {k: v for k, v in dict(num_beams=a.num_beams, max_new_tokens=a.max_new_tokens,
+                                min_new_tokens=a.min_new_tokens).items() if v is not None}
+  caps = inference.caption(model, params, tok, paths, batch_size=a.batch_size, progress=True,
+                           qformer_tokenizer=qtok, processor=proc, **opts)
+  metrics = evaluate_captions(caps, [r["refs"] for r in records])
+  preds = [{"image": r["image"], "caption": c} for r, c in zip(records, caps)]
+  return metrics, preds
+
+
+def _run_vqa(a, records, paths):
+  from blip2_jax import inference
+  from blip2_jax.caption import load_generation_checkpoint
+  model, params, tok, qtok, proc = load_generation_checkpoint(a.model, a.dtype, "VQA evaluation")
+  opts = {k: v for k, v in dict(num_beams=a.num_beams, max_new_tokens=a.max_new_tokens,
+                                min_new_tokens=a.min_new_tokens).items() if v is not None}
+  questions = [pre_question(r["question"]) for r in records]
+  answers = inference.answer(model, params, tok, paths, questions, batch_size=a.batch_size, progress=True,
+                             qformer_tokenizer=qtok, processor=proc, **opts)
+  acc, per = vqa_accuracy(answers, [r["answers"] for r in records], return_per_question=True)
+  preds = [{"question_id": r["question_id"], "image": r["image"], "question": r["question"], "answer": ans,
+            "accuracy": s} for r, ans, s in zip(records, answers, per)]
+  return {"accuracy": acc}, preds
+
+
+def _run_retrieval(a, records, paths):
+  import numpy as np
+
+  import blip2_jax
+  from blip2_jax import inference, processing
+  model, params = blip2_jax.from_pretrained(a.model)
+  if not hasattr(model, "itm_logits"):
+    raise SystemExit(f"{a.model} is a {model.config.architecture} checkpoint; retrieval needs a "
+                     "Blip2ForImageTextRetrieval one (e.g. Salesforce/blip2-itm-vit-g)")
+  try:
+    tok = processing.load_tokenizer(a.model)
+  except FileNotFoundError as e:
+    raise SystemExit(str(e)) from e
+  proc = processing.ImageProcessor.from_pretrained(a.model)
+  bar = inference._progress(len(paths), "loading images", True)
+  px = []
+  for p in paths:
+    px.append(proc.preprocess_one(p))
+    bar.update()
+  bar.close()
+  texts = [pre_caption(c) for r in records for c in r["captions"]]
+  txt2img, img2txt = coco_style_maps([len(r["captions"]) for r in records])
+  enc = tok(texts, padding="max_length", truncation=True, max_length=a.max_text_len, return_tensors="np")
+  scores = inference.retrieval_scores(model, params, np.stack(px), enc["input_ids"], enc["attention_mask"],
+                                      k=a.k, batch_size=a.batch_size, progress=True)
+  metrics = retrieval_metrics(scores["i2t"], scores["t2i"], txt2img, img2txt)
+  ri, rt = ranks_i2t(scores["i2t"], img2txt), ranks_t2i(scores["t2i"].T, txt2img)
+  top = min(10, len(texts))
+  preds = {
+      "images": [{"image": r["image"], "texts": img2txt[i], "rank": int(ri[i]),
+                  "top_texts": np.argsort(-scores["i2t"][i], kind="stable")[:top].tolist()}
+                 for i, r in enumerate(records)],
+      "texts": [{"text": t, "image": txt2img[j], "rank": int(rt[j]),
+                 "top_images": np.argsort(-scores["t2i"][j], kind="stable")[:min(10, len(records))].tolist()}
+                for j, t in enumerate(texts)],
+  }
+  return metrics, preds
+
+
+def retrieval_metrics(i2t, t2i, txt2img, img2txt) -> dict[str, float]:
+  """LAVIS `report_metrics` with separate scores: image -> text recall (txt_r*) from i2t (I, T),
+  text -> image recall (img_r*) from t2i (T, I)."""
+  import numpy as np
+  a = retrieval_recall(i2t, txt2img, img2txt)
+  b = retrieval_recall(np.asarray(t2i).T, txt2img, img2txt)
+  out = {k: v for k, v in a.items() if k.startswith("txt_")}
+  out.update({k: v for k, v in b.items() if k.startswith("img_")})
+  out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+  return out
+
+
+def main(argv=None) -> int:
+  from blip2_jax import processing
+  from blip2_jax.caption import checkpoint_architecture, require_generation_checkpoint
+  p = argparse.ArgumentParser(prog="python -m blip2_jax.evaluate", description=__doc__.split("\n\n")[1])
+  p.add_argument("--task", required=True, choices=TASKS)
+  p.add_argument("--model", required=True, help="checkpoint directory with its tokenizer")
+  p.add_argument("--annotations", required=True, help="annotation file (formats: see the module doc)")
+  p.add_argument("--images-dir", required=True, help="image paths in the annotations are relative to it")
+  p.add_argument("--batch-size", type=int, default=None, help="default 8 (caption, vqa), 32 (retrieval)")
+  p.add_argument("--limit", type=int, default=None, help="only the first N images / questions")
+  p.add_argument("--output", help="write metrics and per-item predictions as JSON here")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="caption / vqa")
+  g = p.add_argument_group("caption / vqa generation (default: LAVIS's settings for the task)")
+  g.add_argument("--num-beams", type=int)
+  g.add_argument("--max-new-tokens", type=int)
+  g.add_argument("--min-new-tokens", type=int)
+  r = p.add_argument_group("retrieval")
+  r.add_argument("--k", type=int, default=128, help="candidates the ITM head re-ranks per query")
+  r.add_argument("--max-text-len", type=int, default=35)
+  a = p.parse_args(argv)
+  if a.batch_size is None:
+    a.batch_size = 32 if a.task == "retrieval" else 8
+  for name in ("batch_size", "limit", "num_beams", "max_new_tokens", "k", "max_text_len"):
+    v = getattr(a, name)
+    if v is not None and v < 1:
+      raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+
+  # cheap checks first: checkpoint type, annotations, image files; then load the weights
+  if a.task == "retrieval":
+    if not os.path.isdir(a.model):
+      raise SystemExit(f"--model {a.model} is not a directory")
+    arch = checkpoint_architecture(a.model)
+    if arch is not None and arch != "Blip2ForImageTextRetrieval":
+      raise SystemExit(f"{a.model} is a {arch} checkpoint; retrieval needs a Blip2ForImageTextRetrieval "
+                       "one (e.g. Salesforce/blip2-itm-vit-g)")
+  else:
+    require_generation_checkpoint(a.model, f"{a.task} evaluation")
+  if not os.path.isdir(a.images_dir):
+    raise SystemExit(f"--images-dir {a.images_dir} is not a directory")
+  loader = {"caption": load_caption_annotations, "vqa": load_vqa_annotations,
+            "retrieval": load_retrieval_annotations}[a.task]
+  try:
+    records = loader(a.annotations)
+  except AnnotationError as e:
+    raise SystemExit(str(e)) from e
+  if a.limit is not None:
+    records = records[: a.limit]
+  paths = _image_paths(a.images_dir, [r["image"] for r in records])
+
+  run = {"caption": _run_caption, "vqa": _run_vqa, "retrieval": _run_retrieval}[a.task]
+  try:
+    metrics, preds = run(a, records, paths)
+  except processing.ImageLoadError as e:
+    raise SystemExit(str(e)) from e
+  for k, v in metrics.items():
+    print(f"{k}\t{v:.4f}")
+  if a.output:
+    with open(a.output, "w") as f:
+      json.dump({"task": a.task, "model": a.model, "annotations": a.annotations, "n": len(records),
+                 "metrics": metrics, "predictions": preds}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
