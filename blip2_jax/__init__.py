@@ -6,6 +6,6 @@
 """
 from blip2_jax.weights.hf import from_pretrained, save_pretrained  # noqa: F401
 from blip2_jax.weights.io import CheckpointError  # noqa: F401
-from blip2_jax.inference import generate, retrieval_scores  # noqa: F401
+from blip2_jax.inference import answer, caption, generate, retrieval_scores  # noqa: F401
 
 __version__ = "0.1.0"
