@@ -1,0 +1,287 @@
+"""BLIP-2 training losses as pure functions (LAVIS 1.0.2 `blip2_qformer.py`, `blip2_opt.py`,
+`blip2_t5.py`).
+
+Stage 1 (`stage1_losses`): ITC + ITM + ITG of the Q-Former on a Blip2ForImageTextRetrieval.
+Stage 2 (`stage2_loss`): the LLM's language-modelling loss on a Blip2ForConditionalGeneration,
+with `build_stage2_batch` turning captions into its batch.
+
+Every batch here is the GLOBAL batch: under `jax.jit` with the batch sharded over the data axes,
+the similarity matrices and the hard-negative gather span all devices, as LAVIS's all-gathers do.
+Softmax / cross-entropy run in float32 whatever the logits' dtype.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blip2_jax.models import qformer as Q
+from blip2_jax.models import t5
+
+IGNORE = -100  # label id that carries no loss (torch / HF ignore_index)
+STAGE1_RNG_STREAMS = ("negatives", "image", "text", "itm", "itg")
+
+
+def cross_entropy(logits, labels, *, label_smoothing: float = 0.0, ignore_index: int = IGNORE,
+                  reduction: str = "mean"):
+  """torch.nn.functional.cross_entropy over the last axis, in float32: label smoothing as torch
+  ((1 - e) * nll + e * mean over classes of -log p), `ignore_index` rows dropped, "mean" over the
+  kept rows (0 when none) or "sum"."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  labels = jnp.asarray(labels)
+  keep = labels != ignore_index
+  safe = jnp.where(keep, labels, 0)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  if label_smoothing:
+    nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+  total = jnp.sum(jnp.where(keep, nll, 0.0))
+  if reduction == "sum":
+    return total
+  return total / jnp.maximum(jnp.sum(keep), 1).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# stage 1
+
+
+def hard_negative_probs(sim) -> jax.Array:
+  """LAVIS 1.0.2 hard-negative weights for a square (N, N) similarity (row i's positive is column
+  i): softmax(sim) + 1e-4, the positive set to 0, renormalised (torch.multinomial normalises)."""
+  p = jax.nn.softmax(jax.lax.stop_gradient(sim).astype(jnp.float32), axis=-1) + 1e-4
+  p = jnp.where(jnp.eye(sim.shape[0], sim.shape[1], dtype=bool), 0.0, p)
+  return p / p.sum(axis=-1, keepdims=True)
+
+
+def sample_hard_negatives(rng, sim_i2t, sim_t2i):
+  """One negative image per text (from sim_t2i's rows) and one negative text per image (from
+  sim_i2t's rows), drawn with `hard_negative_probs`. Deterministic in `rng`. -> (neg_image_idx,
+  neg_text_idx), each (N,) int32 indices into the global batch."""
+  k_img, k_txt = jax.random.split(rng)
+  neg_image = jax.random.categorical(k_img, jnp.log(hard_negative_probs(sim_t2i)), axis=-1)
+  neg_text = jax.random.categorical(k_txt, jnp.log(hard_negative_probs(sim_i2t)), axis=-1)
+  return neg_image.astype(jnp.int32), neg_text.astype(jnp.int32)
+
+
+def itc_logits(image_feats, text_feat, temp, *, full_gradient: bool = False):
+  """(sim_i2t, sim_t2i), each (N, N) float32: max over queries of the cosine similarity / temp.
+
+  LAVIS gathers the other side's features without gradient, so the image->text term is
+  differentiated through the image features only and the text->image term through the text
+  features only (the gathered copy of the local rows is detached too). DDP's mean over devices of
+  per-device means over local rows equals this loss's mean over global rows, so stop_gradient on
+  the gathered side reproduces LAVIS's gradient exactly. `full_gradient=True` lets both flow."""
+  img = image_feats.astype(jnp.float32)
+  txt = text_feat.astype(jnp.float32)
+  sg = (lambda x: x) if full_gradient else jax.lax.stop_gradient
+  temp = jnp.asarray(temp, jnp.float32)
+  sim_i2t = jnp.einsum("iqe,je->ijq", img, sg(txt)).max(axis=-1) / temp
+  sim_t2i = jnp.einsum("ie,jqe->ijq", txt, sg(img)).max(axis=-1) / temp
+  return sim_i2t, sim_t2i
+
+
+def itc_loss(image_feats, text_feat, temp, *, label_smoothing: float = 0.1,
+             full_gradient: bool = False):
+  """-> (ITC loss, (sim_i2t, sim_t2i)): label-smoothed CE both ways with targets arange(N),
+  averaged (LAVIS); gradient as `itc_logits`."""
+  sim_i2t, sim_t2i = itc_logits(image_feats, text_feat, temp, full_gradient=full_gradient)
+  targets = jnp.arange(sim_i2t.shape[0])
+  loss = (cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
+          + cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)) / 2
+  return loss, (sim_i2t, sim_t2i)
+
+
+def _split(rng, n):
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def stage1_losses(model, params, lm_head_params, temp, batch, rng=None, *, bos_token_id: int,
+                  deterministic: bool = True, label_smoothing: float = 0.1,
+                  itc_full_gradient: bool = False, neg_image_idx=None, neg_text_idx=None,
+                  temp_range: tuple[float, float] | None = None):
+  """BLIP-2 stage 1 loss -> (total, {"itc", "itm", "itg"}), total = itc + itm + itg (LAVIS).
+
+  model: a `Blip2ForImageTextRetrieval`; params: its params (the HF layout, incl. `embeddings`,
+  whose word table the ITG head is tied to); lm_head_params: a `qformer.QFormerLMHead` (tied) tree;
+  temp: the learnable temperature (scalar, LAVIS init 0.07).
+  batch: pixel_values (N, H, W, C), input_ids (N, T) BERT ids starting with [CLS] (right padded),
+  attention_mask (N, T). bos_token_id: the [DEC] id that replaces [CLS] for ITG.
+  rng: split into STAGE1_RNG_STREAMS: hard-negative sampling and one dropout stream per Q-Former
+  pass (dropout only when not deterministic). It may be None when deterministic and both
+  neg_image_idx / neg_text_idx ((N,) indices into the batch) are given.
+  temp_range: LAVIS 1.0.2's BLIP-2 does NOT clamp temp (BLIP-1 clamps to (0.001, 0.5)); give a
+  range to clip it here (no gradient outside the range) or clip the stored value after the update.
+
+  ITC: label-smoothed CE both ways on the global similarity (see `itc_logits`). ITM: negatives
+  from `sample_hard_negatives` on the ITC similarities; 3N pairs (pos, neg image, neg text),
+  labels [1]*N + [0]*2N, no smoothing. ITG: [DEC] + text under the UniLM mask, shifted CE with
+  label smoothing over the non-padding labels. The ViT runs once (its output feeds ITM and ITG).
+  Differences from LAVIS: ITG recomputes the query states under the UniLM mask instead of reusing
+  the ITC pass's cache (equal when deterministic; with dropout it draws its own mask), and its
+  token mean is over the global batch (LAVIS: per-device means averaged).
+  Freezing the ViT: differentiate w.r.t. the trainable params only; XLA then skips the ViT's
+  backward pass.
+  """
+  ids = jnp.asarray(batch["input_ids"])
+  mask = batch.get("attention_mask")
+  mask = jnp.ones(ids.shape, jnp.int32) if mask is None else jnp.asarray(mask).astype(jnp.int32)
+  n = ids.shape[0]
+  k_neg, k_img, k_txt, k_itm, k_itg = _split(rng, len(STAGE1_RNG_STREAMS))
+
+  def apply(method, *args, key=None):
+    rngs = None if deterministic else {"dropout": key}
+    return model.apply({"params": params}, *args, method=method, deterministic=deterministic,
+                       rngs=rngs)
+
+  if not deterministic and rng is None:
+    raise ValueError("deterministic=False needs an rng for dropout")
+  vis, _, image_feats = apply("image_features", batch["pixel_values"], key=k_img)
+  _, text_feat = apply("text_features", ids, mask, key=k_txt)
+  image_embeds = vis["last_hidden_state"]
+
+  # ---- ITC
+  if temp_range is not None:
+    temp = jnp.clip(temp, *temp_range)
+  itc, (sim_i2t, sim_t2i) = itc_loss(image_feats, text_feat, temp, label_smoothing=label_smoothing,
+                                      full_gradient=itc_full_gradient)
+
+  # ---- ITM
+  if neg_image_idx is None or neg_text_idx is None:
+    if k_neg is None:
+      raise ValueError("give rng (hard-negative sampling) or both neg_image_idx and neg_text_idx")
+    sampled_img, sampled_txt = sample_hard_negatives(k_neg, sim_i2t, sim_t2i)
+    neg_image_idx = sampled_img if neg_image_idx is None else neg_image_idx
+    neg_text_idx = sampled_txt if neg_text_idx is None else neg_text_idx
+  neg_image_idx = jnp.asarray(neg_image_idx)
+  neg_text_idx = jnp.asarray(neg_text_idx)
+  embeds_all = jnp.concatenate([image_embeds, image_embeds[neg_image_idx], image_embeds], axis=0)
+  ids_all = jnp.concatenate([ids, ids, ids[neg_text_idx]], axis=0)
+  mask_all = jnp.concatenate([mask, mask, mask[neg_text_idx]], axis=0)
+  itm_logits, _ = apply("itm_logits", embeds_all, ids_all, mask_all, key=k_itm)
+  itm_labels = jnp.concatenate([jnp.ones((n,), jnp.int32), jnp.zeros((2 * n,), jnp.int32)])
+  itm = cross_entropy(itm_logits, itm_labels)
+
+  # ---- ITG
+  dec_ids = ids.at[:, 0].set(bos_token_id)
+  hidden = apply("itg_hidden", image_embeds, dec_ids, mask, key=k_itg)
+  table = params["embeddings"]["word_embeddings"]["embedding"]
+  lm_logits = Q.QFormerLMHead(model.config.qformer).apply({"params": lm_head_params}, hidden, table)
+  labels = jnp.where(mask > 0, dec_ids, IGNORE)
+  itg = cross_entropy(lm_logits[:, :-1], labels[:, 1:], label_smoothing=label_smoothing)
+
+  return itc + itm + itg, {"itc": itc, "itm": itm, "itg": itg}
+
+
+# ----------------------------------------------------------------------------------------
+# stage 2
+
+
+def stage2_loss(model, params, batch, rng=None, *, deterministic: bool = True):
+  """Stage 2 language-modelling loss of a Blip2ForConditionalGeneration -> (loss, aux).
+
+  Decoder-only (OPT, LLaMA): batch = pixel_values, input_ids (text only, right padded; the
+  projected queries are prepended inside the model), attention_mask, labels (N, T) with -100 on
+  prompt and padding. The logit at sequence position p predicts token p + 1 (HF's shift), so the
+  last query's logit predicts label 0 and the other query logits carry no loss; equal to LAVIS's
+  [-100] * Q + labels on the full sequence.
+  T5: batch = pixel_values, input_ids (encoder text: prompt + caption prefix), attention_mask,
+  labels (decoder target: the caption suffix, -100 padding), optional decoder_attention_mask (LAVIS
+  passes the target's mask); decoder_input_ids default to t5.shift_right(labels).
+  InstructBLIP: also qformer_input_ids / qformer_attention_mask.
+  loss: mean token CE over labelled positions (float32); aux: num_tokens, loss_sum (for
+  token-weighted accumulation over micro-batches).
+  """
+  cfg = model.config
+  labels = jnp.asarray(batch["labels"])
+  kw = dict(attention_mask=batch.get("attention_mask"),
+            qformer_input_ids=batch.get("qformer_input_ids"),
+            qformer_attention_mask=batch.get("qformer_attention_mask"))
+  if cfg.is_encoder_decoder:
+    dec = batch.get("decoder_input_ids")
+    if dec is None:
+      dec = t5.shift_right(labels, cfg.text.decoder_start_token_id, cfg.text.pad_token_id)
+    kw.update(decoder_input_ids=dec, decoder_attention_mask=batch.get("decoder_attention_mask"))
+  if not deterministic and rng is None:
+    raise ValueError("deterministic=False needs an rng for dropout")
+  out = model.apply({"params": params}, batch["pixel_values"], batch["input_ids"],
+                    deterministic=deterministic, rngs=None if deterministic else {"dropout": rng}, **kw)
+  logits = out["logits"]
+  if not cfg.is_encoder_decoder:
+    start = logits.shape[1] - labels.shape[1] - 1  # the last query position
+    logits = logits[:, start:start + labels.shape[1]]
+  loss_sum = cross_entropy(logits, labels, reduction="sum")
+  num = jnp.sum(labels != IGNORE)
+  return loss_sum / jnp.maximum(num, 1).astype(jnp.float32), {"num_tokens": num, "loss_sum": loss_sum}
+
+
+def lm_labels(input_ids, attention_mask, prompt_length: int = 0) -> np.ndarray:
+  """LAVIS OPT targets: ids with padding and the first `prompt_length` tokens set to -100."""
+  labels = np.where(np.asarray(attention_mask) > 0, np.asarray(input_ids), IGNORE)
+  labels[:, :prompt_length] = IGNORE
+  return labels
+
+
+def split_caption(caption: str, prefix_ratio: float | None = 0.5, rng: np.random.Generator | None = None):
+  """Prefix-LM split of a caption into (prefix, suffix) at a word boundary (paper Sec. 3.3: the
+  prefix goes to the T5 encoder with the queries, the suffix is the decoder target; LAVIS 1.0.2
+  ships no split, so this rule is ours): k = round(ratio * words) clipped to [1, words - 1] words
+  go to the prefix, or k uniform in [1, words - 1] from `rng` when prefix_ratio is None. A
+  one-word caption is all suffix."""
+  words = caption.split()
+  if len(words) < 2:
+    return "", " ".join(words)
+  if prefix_ratio is None:
+    if rng is None:
+      raise ValueError("prefix_ratio=None draws the split point: pass rng (np.random.Generator)")
+    k = int(rng.integers(1, len(words)))
+  else:
+    k = min(max(int(round(prefix_ratio * len(words))), 1), len(words) - 1)
+  return " ".join(words[:k]), " ".join(words[k:])
+
+
+def _pad(seqs: Sequence[list], pad_id: int):
+  width = max(1, max(len(s) for s in seqs))
+  ids = np.full((len(seqs), width), pad_id, np.int32)
+  mask = np.zeros((len(seqs), width), np.int32)
+  for i, s in enumerate(seqs):
+    ids[i, :len(s)] = s
+    mask[i, :len(s)] = 1
+  return ids, mask
+
+
+def _tokenize(tokenizer, texts, max_len, append_eos=False):
+  seqs = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+  if append_eos:
+    seqs = [s + [tokenizer.eos_token_id] for s in seqs]
+  return [list(s)[:max_len] for s in seqs]
+
+
+def build_stage2_batch(tokenizer, captions: Sequence[str], family: str, *, prompt: str = "",
+                       max_len: int = 32, prefix_ratio: float | None = 0.5,
+                       rng: np.random.Generator | None = None) -> dict:
+  """Text part of a stage 2 batch (numpy; add pixel_values) from captions, right padded to the
+  longest row and truncated to max_len as LAVIS.
+
+  opt: tokens of prompt + caption + "\\n" (BOS first; "\\n" is id 50118 in OPT's BPE); labels
+    -100 on padding and on the prompt's tokens incl. BOS (LAVIS `prompt_length`). Without a prompt
+    LAVIS masks nothing but padding, so BOS is a target, predicted by the last query.
+  llama: as opt but caption + EOS instead of "\\n" (LAVIS's Vicuna models append eos).
+  t5: `split_caption` (prefix_ratio / rng); input_ids = prompt + prefix (+ </s> by the
+    tokenizer), labels = suffix (+ </s>), -100 padding, decoder_attention_mask as LAVIS.
+  """
+  if family in ("opt", "llama"):
+    end = "\n" if family == "opt" else ""
+    seqs = _tokenize(tokenizer, [prompt + c + end for c in captions], max_len,
+                     append_eos=family == "llama")
+    ids, mask = _pad(seqs, tokenizer.pad_token_id)
+    plen = len(_tokenize(tokenizer, [prompt], max_len)[0]) if prompt else 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": lm_labels(ids, mask, plen)}
+  if family == "t5":
+    parts = [split_caption(c, prefix_ratio, rng) for c in captions]
+    ids, mask = _pad(_tokenize(tokenizer, [" ".join(x for x in (prompt.strip(), p) if x) for p, _ in parts],
+                               max_len), tokenizer.pad_token_id)
+    out, out_mask = _pad(_tokenize(tokenizer, [s for _, s in parts], max_len), tokenizer.pad_token_id)
+    return {"input_ids": ids, "attention_mask": mask, "labels": lm_labels(out, out_mask),
+            "decoder_attention_mask": out_mask}
+  raise ValueError(f"family must be opt, llama or t5, got {family!r}")
