@@ -110,7 +110,8 @@ WORDS = ("a photo of the an in on with and is are cat dog bird car tree red blue
          "table grass street sky water field picture image question answer short what how many "
          "color there this that at near under over front behind left right top bottom circle "
          "square triangle shape round large tiny old young playing running eating holding looking "
-         "orange purple brown pink gray house road boat train plane horse cow sheep").split()
+         "orange purple brown pink gray house road boat train plane horse cow sheep circles squares "
+         "triangles").split()
 
 
 def _word_tokenizer(vocab_size: int, specials: dict, template: str | None, **tok_kw):

@@ -6,3 +6,12 @@ if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One persistent compilation cache per test session: programs compiled again with the same HLO
+# (a resumed training run, a CLI called twice) load instead of recompiling.
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="blip2_jax_xla_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -113,7 +113,12 @@ class _Example:
   def _text(self, record, rng):
     if self.text_fn is None:
       return {}
-    text = pre_caption(self.text_fn(record, rng), self.max_words)
+    text = self.text_fn(record, rng)
+    if isinstance(text, dict):  # several raw fields (instruction / response): kept as they are
+      if self.tokenize_fn is not None:
+        raise ValueError("a text_fn returning several fields cannot be combined with a tokenizer")
+      return {k: str(v) for k, v in text.items()}
+    text = pre_caption(text, self.max_words)
     return self.tokenize_fn(text) if self.tokenize_fn is not None else {"text": text}
 
   def __call__(self, index, rng: np.random.Generator | None = None) -> dict:
@@ -232,7 +237,8 @@ def make_train_loader(source, *, global_batch_size: int, image_size: int, seed: 
   global_batch_size // process count, remainder dropped. `num_epochs=None` repeats forever.
   `tokenizer` (HF; right padding to `max_txt_len`) or `tokenize_fn(text) -> dict of (max_txt_len,)
   arrays`; `text_fn(record, rng) -> str` picks the text (default: the caption, a random one from a
-  list), which then goes through `pre_caption(max_words)`. `worker_count > 0` decodes in that many
+  list), which then goes through `pre_caption(max_words)`; a text_fn returning a dict of strings
+  (e.g. {"instruction", "response"}) gives those fields untouched and untokenised. `worker_count > 0` decodes in that many
   grain worker processes (the iterator state stays exact). Returns a `grain.IterDataset`;
   `iter(...)` gives a `DatasetIterator` with `get_state` / `set_state` for checkpoints.
   """

@@ -1,0 +1,204 @@
+"""Builds what a training run starts from: the model, its training parameter tree, the tokenizers.
+
+Training trees (what the optimizer and checkpoints see; frozen-parameter regexes match their
+"/"-joined paths):
+  stage-1 tasks (stage1, retrieval): {"model": Blip2ForImageTextRetrieval params,
+                                      "qformer_lm_head": QFormerLMHead params, "temp": ()}
+  LM tasks (stage2, caption, instruct): {"model": Blip2ForConditionalGeneration params}
+Initialisation (`config.model.init`):
+  towers      stage 1: ViT from a BLIP-2 / vision directory + Q-Former from BERT (weights.towers);
+              stage 2: ViT, query tokens and Q-Former from a stage-1 directory (`model.pretrained`)
+              + the LLM from its own directory (`model.language_model`); projections fresh.
+  pretrained  a blip2-jax / HF BLIP-2 directory (stage-1 tasks also read qformer_lm_head.safetensors).
+  random      a transformers config (`model.hf_config`), random weights: the `tiny` recipes.
+`model.image_size` different from the checkpoint's resizes the ViT position embeddings once,
+bicubically (as LAVIS `interpolate_pos_embed` for 364 / 490 px fine-tuning).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STAGE1_TASKS = ("stage1", "retrieval")
+LM_TASKS = ("stage2", "caption", "instruct")
+TEMP_INIT = 0.07  # LAVIS Blip2Qformer.temp
+
+
+@dataclasses.dataclass
+class Setup:
+  model: Any                # the flax composite
+  params: dict              # the training tree (see module docstring)
+  qformer_tokenizer: Any    # BERT tokenizer ([DEC] bos) for stage-1 text / InstructBLIP instructions
+  llm_tokenizer: Any        # None for stage-1 tasks
+  report: dict              # where each part came from
+
+
+def _runtime(config) -> dict:
+  m = config.model
+  return dict(dtype=m.dtype, param_dtype="float32", scan=bool(m.scan), remat=m.remat, attn_impl=m.attn_impl)
+
+
+def load_tokenizer(spec: str, what: str):
+  """A tokenizer directory, or "tiny:<family>" for the word-level test tokenizers."""
+  from blip2_jax import processing, testing
+  if not spec:
+    raise ValueError(f"config.tokenizer.{what} is empty: set it to a tokenizer directory")
+  if spec.startswith("tiny:"):
+    return testing.tiny_tokenizer(spec.split(":", 1)[1])
+  return processing.load_tokenizer(spec)
+
+
+def _qformer_tokenizer(spec: str, vocab_size: int):
+  tok = load_tokenizer(spec, "qformer")
+  if tok.bos_token_id is None:  # LAVIS init_tokenizer: BertTokenizer + [DEC] as bos
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+  if len(tok) > vocab_size:
+    raise ValueError(f"the Q-Former tokenizer has {len(tok)} tokens but the Q-Former's vocabulary holds "
+                     f"{vocab_size}")
+  return tok
+
+
+def _take_like(src, like):
+  """The subtree of `src` with `like`'s keys (e.g. a stage-1 Q-Former without its text FFN)."""
+  if isinstance(like, dict):
+    missing = [k for k in like if k not in src]
+    if missing:
+      raise KeyError(f"missing {missing}")
+    return {k: _take_like(src[k], like[k]) for k in like}
+  return src
+
+
+def resize_positions(config, params, image_size: int):
+  """(config, params) for `image_size`: ViT position embeddings resized bicubically (torch-exact)."""
+  from blip2_jax.models import vit
+  v = config.vision
+  if image_size == v.image_size:
+    return config, params
+  if image_size % v.patch_size:
+    raise ValueError(f"model.image_size {image_size} is not a multiple of the patch size {v.patch_size}")
+  g_old, g_new = v.image_size // v.patch_size, image_size // v.patch_size
+  pos = params["vision_model"]["embeddings"]["position_embedding"]
+  d = pos.shape[-1]
+  grid = vit.resize_bicubic(jnp.asarray(pos[0, 1:]).reshape(g_old, g_old, d), (g_new, g_new))
+  new = jnp.concatenate([jnp.asarray(pos[0, :1], jnp.float32), grid.reshape(g_new * g_new, d)])[None]
+  params = dict(params, vision_model=dict(params["vision_model"], embeddings=dict(
+      params["vision_model"]["embeddings"], position_embedding=new.astype(pos.dtype))))
+  return dataclasses.replace(config, vision=dataclasses.replace(v, image_size=image_size)), params
+
+
+def _stage1_extras(model, seed: int, head=None, temp=None) -> dict:
+  from blip2_jax.models import qformer
+  if head is None:
+    q = model.config.qformer
+    head = nn.unbox(qformer.QFormerLMHead(q).init(jax.random.PRNGKey(seed), *qformer.init_args(q)[0])["params"])
+  return {"qformer_lm_head": head, "temp": jnp.asarray(TEMP_INIT if temp is None else temp, jnp.float32)}
+
+
+def _random(config):
+  import transformers
+
+  from blip2_jax.models import blip2
+  d = config.model.hf_config.to_dict() if hasattr(config.model.hf_config, "to_dict") else dict(config.model.hf_config)
+  if not d:
+    raise ValueError("model.init='random' needs model.hf_config (a transformers Blip2Config as a dict)")
+  cls = transformers.InstructBlipConfig if d.get("model_type") == "instructblip" else transformers.Blip2Config
+  cfg = blip2.Blip2Config.from_hf(cls(**d), architecture=config.model.architecture, **_runtime(config))
+  model = blip2.build(cfg)
+  variables = model.init(jax.random.PRNGKey(config.seed), **blip2.dummy_inputs(cfg))
+  return cfg, nn.unbox(variables["params"]), {"init": f"random (seed {config.seed})"}
+
+
+def _towers_stage1(config):
+  from blip2_jax.models import blip2
+  from blip2_jax.weights import towers
+  m = config.model
+  for k in ("vision", "qformer_bert"):
+    if not m[k]:
+      raise ValueError(f"model.init='towers' for stage 1 needs model.{k} (a directory)")
+  cfg = towers.config_from_towers(m.vision, m.qformer_bert, None, architecture=m.architecture,
+                                  num_query_tokens=m.num_query_tokens,
+                                  cross_attention_frequency=m.cross_attention_frequency, **_runtime(config))
+  model, params, report = towers.init_from_towers(cfg, vision=m.vision, qformer_bert=m.qformer_bert, seed=config.seed)
+  del blip2
+  return cfg, params, report
+
+
+def _towers_stage2(config):
+  """Stage 2 from a stage-1 directory (ViT, query tokens, Q-Former) + an LLM directory."""
+  from blip2_jax.models import blip2
+  from blip2_jax.weights import hf, towers
+  m = config.model
+  if not m.pretrained or not m.language_model:
+    raise ValueError("stage 2 with model.init='towers' needs model.pretrained (the stage-1 directory) and "
+                     "model.language_model (the HF LLM directory)")
+  s1_model, s1_params = hf.from_pretrained(m.pretrained)
+  s1 = s1_model.config
+  if s1.text is not None:
+    raise ValueError(f"model.pretrained {m.pretrained} already has a language model ({s1.architecture}); "
+                     "use model.init='pretrained' to continue training it")
+  rt = _runtime(config)
+  text = towers.text_config_from_dir(m.language_model, **rt)
+  qcfg = dataclasses.replace(s1.qformer, use_qformer_text_input=False)  # LAVIS stage 2 drops the text FFN
+  cfg = blip2.Blip2Config(vision=s1.vision, qformer=qcfg, text=text, num_query_tokens=s1.num_query_tokens,
+                          architecture="Blip2ForConditionalGeneration",
+                          initializer_range=s1.initializer_range).replace_runtime(**rt)
+  model, params, report = towers.init_from_towers(cfg, language_model=m.language_model, seed=config.seed)
+  for k in ("vision_model", "query_tokens", "qformer"):
+    params[k] = _take_like(s1_params[k], params[k])
+    report["copied"].append(f"{k}.* [{m.pretrained}]")
+  return cfg, params, report
+
+
+def build(config) -> Setup:
+  """The model, training tree and tokenizers that `config` describes (see the module docstring)."""
+  from blip2_jax.models import blip2
+  from blip2_jax.weights import hf
+  task, init = config.task, config.model.init
+  if task not in STAGE1_TASKS + LM_TASKS:
+    raise ValueError(f"config.task {task!r}: choose one of {STAGE1_TASKS + LM_TASKS}")
+  head = temp = None
+  if init == "random":
+    cfg, params, report = _random(config)
+  elif init == "towers":
+    cfg, params, report = (_towers_stage1 if task in STAGE1_TASKS else _towers_stage2)(config)
+    head = report.pop("qformer_lm_head", None)
+  elif init == "pretrained":
+    if not config.model.pretrained:
+      raise ValueError("model.init='pretrained' needs model.pretrained (a BLIP-2 directory)")
+    model, params = hf.from_pretrained(config.model.pretrained, **{k: v for k, v in _runtime(config).items()
+                                                                     if k != "param_dtype"}, param_dtype=jnp.float32)
+    cfg, report = model.config, {"init": f"pretrained {config.model.pretrained}"}
+    if task in STAGE1_TASKS:
+      head, temp = hf.load_qformer_head(config.model.pretrained, model)
+  else:
+    raise ValueError(f"model.init {init!r}: choose towers, pretrained or random")
+
+  want = "Blip2ForImageTextRetrieval" if task in STAGE1_TASKS else None
+  if want and cfg.architecture != want:
+    raise ValueError(f"task {task!r} trains a {want}; the model is a {cfg.architecture}")
+  if task in LM_TASKS and cfg.text is None:
+    raise ValueError(f"task {task!r} needs a model with a language model; {cfg.architecture} has none")
+  if task == "instruct" and not cfg.instruct:
+    raise ValueError("task 'instruct' needs an InstructBLIP model (its Q-Former reads the instruction)")
+  cfg, params = resize_positions(cfg, params, int(config.model.image_size))
+  model = blip2.build(cfg)
+  tree = {"model": params}
+  if task in STAGE1_TASKS:
+    tree.update(_stage1_extras(model, config.seed, head, temp))
+  qtok = None
+  if task in STAGE1_TASKS or cfg.instruct:
+    qtok = _qformer_tokenizer(config.tokenizer.qformer, cfg.qformer.vocab_size)
+  ltok = None
+  if task in LM_TASKS:
+    spec = config.tokenizer.llm or config.model.language_model or config.model.pretrained
+    ltok = load_tokenizer(spec, "llm")
+  return Setup(model, tree, qtok, ltok, report)
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

@@ -1,0 +1,200 @@
+"""The train step: gradients of the trainable subtree only, AdamW, accumulation, sharded jit.
+
+    shardings = param_shardings(model, params, mesh)                 # from the modules' logical axes
+    state = init_train_state(params, config.frozen, tx, frozen_dtype="bfloat16", shardings=shardings)
+    step = jit_train_step(make_train_step(stage1_loss_fn(model, bos_token_id=dec), tx), mesh, state)
+    state, metrics = step(state, global_batch, rng)
+
+The state holds the trainable leaves (float32 master weights), the frozen leaves (optionally
+bf16) and the optimizer state of the trainable leaves only. `jax.grad` is taken w.r.t.
+`state.trainable` with the frozen tree closed over, so no weight gradient of a frozen tower is
+computed; XLA also drops the backward through the ViT when nothing before it is trainable.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from blip2_jax import sharding as shd
+from blip2_jax.train import losses, optim
+
+LossFn = Callable[[dict, dict, jax.Array], tuple[jax.Array, dict]]
+BATCH_AXES = ("data", "fsdp")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  trainable: Any
+  frozen: Any
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------------------
+# loss adapters over the training tree (see train/setup.py for its layout)
+
+
+def stage1_loss_fn(model, *, bos_token_id: int, deterministic: bool = False, **loss_kw) -> LossFn:
+  """ITC + ITM + ITG on {"model", "qformer_lm_head", "temp"}; metrics: itc, itm, itg, temp."""
+  def fn(params, batch, rng):
+    total, parts = losses.stage1_losses(model, params["model"], params["qformer_lm_head"], params["temp"],
+                                        batch, rng, bos_token_id=bos_token_id, deterministic=deterministic,
+                                        **loss_kw)
+    return total, dict(parts, temp=params["temp"])
+  return fn
+
+
+def stage2_loss_fn(model, *, deterministic: bool = False) -> LossFn:
+  """The LM (OPT / LLaMA) or prefix-LM (T5) loss on {"model"}; metrics: num_tokens."""
+  def fn(params, batch, rng):
+    loss, aux = losses.stage2_loss(model, params["model"], batch, rng, deterministic=deterministic)
+    return loss, {"num_tokens": aux["num_tokens"]}
+  return fn
+
+
+# ----------------------------------------------------------------------------------------
+# state
+
+
+def param_shardings(model, params: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
+  """NamedShardings for a training tree: the composite's from its modules' logical axis names
+  (dimensions the mesh does not divide are replicated), the Q-Former LM head's likewise, the
+  temperature replicated."""
+  from blip2_jax.models import blip2, qformer
+  from blip2_jax.weights import io
+  out = {"model": io.param_shardings(io.abstract_params(model, **blip2.dummy_inputs(model.config)), mesh, rules,
+                                     warn=False)}
+  if "qformer_lm_head" in params:
+    q = model.config.qformer
+    head = qformer.QFormerLMHead(q, "decoder" not in params["qformer_lm_head"])
+    out["qformer_lm_head"] = io.param_shardings(io.abstract_params(head, *qformer.init_args(q)[0]), mesh, rules,
+                                                warn=False)
+  for k in params:
+    if k not in out:
+      out[k] = jax.tree.map(lambda _: NamedSharding(mesh, P()), params[k])
+  return out
+
+
+def _cast_floats(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree)
+
+
+def init_train_state(params: dict, frozen_patterns, tx: optax.GradientTransformation, *,
+                     frozen_dtype=None, shardings: dict | None = None) -> TrainState:
+  """Partitions `params` by the frozen regexes, casts trainable leaves to float32 and frozen ones to
+  `frozen_dtype` (if given), places them in `shardings` (a tree like `params`, from
+  `param_shardings`) and initialises the optimizer on the trainable leaves only."""
+  mask = optim.path_mask(params, list(frozen_patterns)) if frozen_patterns else jax.tree.map(lambda _: False, params)
+  trainable, frozen = optim.partition(params, mask)
+  trainable = _cast_floats(trainable, jnp.float32)
+  if frozen_dtype is not None:
+    frozen = _cast_floats(frozen, jnp.dtype(frozen_dtype))
+  if shardings is not None:
+    sh_train, sh_frozen = optim.partition(shardings, mask)
+    trainable = jax.device_put(trainable, sh_train)
+    frozen = jax.device_put(frozen, sh_frozen)
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    repl = NamedSharding(mesh, P())
+    # the optimizer state follows the parameters it mirrors (XLA propagates their shardings)
+    opt_state = jax.jit(tx.init)(trainable)
+    opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+                             else jax.device_put(x, repl), opt_state)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), trainable=trainable, frozen=frozen,
+                      opt_state=opt_state)
+  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                    opt_state=tx.init(trainable))
+
+
+def state_shardings(state: TrainState):
+  """The shardings of a placed state (for jit in/out shardings and checkpoint restore)."""
+  return jax.tree.map(lambda x: x.sharding, state)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Batches shard their leading axis over (data, fsdp)."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+# ----------------------------------------------------------------------------------------
+# step
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_steps: int = 1,
+                    schedule: optax.Schedule | None = None):
+  """-> step(state, batch, rng) -> (state, metrics).
+
+  accum_steps > 1 splits the batch's leading axis into that many micro-batches (lax.scan) and
+  averages their gradients, weighted by their `num_tokens` metric when the loss reports one
+  (token-mean LM losses), else equally. Stage-1 losses then see in-batch negatives of a
+  micro-batch only (as LAVIS without accumulation would on a smaller batch).
+  metrics: the loss, its parts, grad_norm (before clipping), lr (when `schedule` is given).
+  """
+  if accum_steps < 1:
+    raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+  grad_fn = jax.value_and_grad(lambda tp, fr, b, r: loss_fn(optim.merge(tp, fr), b, r), has_aux=True)
+
+  def step(state: TrainState, batch: dict, rng: jax.Array):
+    if accum_steps == 1:
+      (loss, metrics), grads = grad_fn(state.trainable, state.frozen, batch, rng)
+    else:
+      def split(x):
+        if x.shape[0] % accum_steps:
+          raise ValueError(f"batch size {x.shape[0]} is not divisible by accum_steps={accum_steps}")
+        return x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:])
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        (l, m), g = grad_fn(state.trainable, state.frozen, mb, jax.random.fold_in(rng, i))
+        w = m.get("num_tokens", jnp.float32(1.0)).astype(jnp.float32)
+        gsum, lsum, wsum = carry
+        gsum = jax.tree.map(lambda a, b: a + w * b, gsum, g)
+        return (gsum, lsum + w * l, wsum + w), m
+
+      zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+      (gsum, lsum, wsum), ms = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)),
+                                            (jnp.arange(accum_steps), micro))
+      grads = jax.tree.map(lambda g: g / wsum, gsum)
+      loss = lsum / wsum
+      metrics = jax.tree.map(lambda v: v.sum(0) if jnp.issubdtype(v.dtype, jnp.integer) else v.mean(0), ms)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step)
+    new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+    return new, jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), metrics)
+
+  return step
+
+
+def jit_train_step(step, mesh, state: TrainState, *, rules=shd.DEFAULT_RULES, donate: bool = True):
+  """`step` compiled over `mesh`: the state keeps its shardings, batches are split over
+  (data, fsdp), metrics come back replicated; activations follow the modules' logical
+  constraints under `rules`. The old state's buffers are donated."""
+  st_sh = state_shardings(state)
+  repl = NamedSharding(mesh, P())
+
+  def run(state, batch, rng):
+    with nn.logical_axis_rules(rules):
+      return step(state, batch, rng)
+
+  jitted = jax.jit(run, in_shardings=(st_sh, batch_sharding(mesh), repl), out_shardings=(st_sh, repl),
+                   donate_argnums=(0,) if donate else ())
+
+  def call(state, batch, rng):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch, rng)
+  call.jitted = jitted
+  return call
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

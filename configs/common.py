@@ -1,0 +1,129 @@
+"""Shared pieces of the recipes: argument parsing, the base config, tiny (CPU) overrides.
+
+A recipe is `configs/<name>.py` with `get_config(arg)`; `arg` is the text after the colon in
+`--config configs/stage1.py:vit=g,tiny` (big_vision's convention): comma-separated `key=value`
+pairs and bare flags (`tiny` = `tiny=True`). Unknown keys are an error that names them.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+# LAVIS / paper facts (see ../shared/REFERENCE.md).
+PAPER_ADAMW = dict(b1=0.9, b2=0.98, weight_decay=0.05)
+FROZEN_VIT = r"model/vision_model/.*"
+FROZEN_LLM = r"model/language_model/.*"
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`"vit=g,tiny"` -> ConfigDict(vit="g", tiny=True, ...other defaults); values take the default's type."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; this recipe takes {sorted(defaults)}")
+    d = defaults[key]
+    if not eq:
+      if not isinstance(d, bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      out[key] = True
+    elif isinstance(d, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r}: expected true / false")
+      out[key] = value.lower() in ("true", "1")
+    elif isinstance(d, int):
+      out[key] = int(value)
+    elif isinstance(d, float):
+      out[key] = float(value)
+    else:
+      out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def base(task: str) -> ml_collections.ConfigDict:
+  """Fields every recipe has; recipes overwrite what differs."""
+  c = ml_collections.ConfigDict()
+  c.task = task  # stage1 | retrieval (stage-1 losses) | stage2 | caption | instruct (LM loss)
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.init = "towers"           # towers | pretrained | random
+  c.model.architecture = "Blip2ForConditionalGeneration"
+  c.model.family = ""               # opt | t5 | llama (models with an LLM)
+  c.model.vision = ""               # HF BLIP-2 (or Blip2VisionModel) directory: the ViT
+  c.model.qformer_bert = ""         # HF BERT directory: the Q-Former's initialisation
+  c.model.language_model = ""       # HF OPT / T5 / LLaMA directory
+  c.model.pretrained = ""           # a blip2-jax / HF BLIP-2 directory (fine-tuning, stage 2 from stage 1)
+  c.model.hf_config = ml_collections.ConfigDict()  # random init: transformers Blip2Config kwargs
+  c.model.num_query_tokens = 32
+  c.model.cross_attention_frequency = 2
+  c.model.image_size = 224
+  c.model.dtype = "bfloat16"        # compute dtype of the ViT and LLM (Q-Former computes in float32 as HF)
+  c.model.frozen_dtype = "bfloat16"  # storage dtype of frozen towers; trainable params stay float32
+  c.model.scan = True
+  c.model.remat = "full"            # none | full | dots (see models/layers.py)
+  c.model.attn_impl = ml_collections.config_dict.placeholder(str)  # None: XLA picks; "cudnn" on GPU
+  c.model.dropout = True            # the Q-Former's / LLM's dropout (0.1 in BERT) while training
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.qformer = ""          # BERT tokenizer directory ([DEC] is added as bos when missing)
+  c.tokenizer.llm = ""              # LLM tokenizer directory (default: c.model.language_model / pretrained)
+
+  c.frozen = [FROZEN_VIT, FROZEN_LLM]  # regexes over "/"-joined parameter paths of the training tree
+
+  c.optim = ml_collections.ConfigDict(dict(lr=1e-4, min_lr=1e-5, warmup_steps=2000, warmup_init=1e-6,
+                                           clip_norm=1.0, **PAPER_ADAMW))
+  c.total_steps = 0                 # 0: derived from num_epochs and the dataset size
+  c.num_epochs = 0
+  c.global_batch_size = 256
+  c.accum_steps = 1
+
+  c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1, itc_full_gradient=False, prompt="",
+                                          t5_prefix_ratio=0.5))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "annotations"     # annotations | array_record | tfds | shapes
+  c.data.annotations = ""           # LAVIS / COCO json or JSONL ({"image", "caption"}), paths under images_dir
+  c.data.images_dir = ""
+  c.data.array_record = ""          # prefix or glob of ArrayRecord shards (python -m blip2_jax.data.convert)
+  c.data.tfds_name = ""
+  c.data.tfds_split = "train"
+  c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
+  c.data.num_records = 0            # shapes: how many synthetic scenes
+  c.data.max_txt_len = 32
+  c.data.max_words = 50
+  c.data.worker_count = 0
+
+  c.mesh = (-1, 1, 1)               # (data, fsdp, tensor); one -1 takes the remaining devices
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.export_hf = True                # write the final params as a HF directory (workdir/hf)
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict, family: str | None) -> ml_collections.ConfigDict:
+  """Shrinks a recipe to a random-init model and synthetic scenes that train on a CPU in seconds."""
+  from blip2_jax import testing
+  hf = testing.tiny_blip2_config(family, instruct=c.task == "instruct")
+  c.model.init = "random"
+  c.model.hf_config = ml_collections.ConfigDict(hf.to_dict())
+  c.model.image_size = hf.vision_config.image_size
+  c.model.num_query_tokens = hf.num_query_tokens
+  c.model.dtype = "float32"
+  c.model.frozen_dtype = "float32"
+  c.model.scan = False
+  c.model.remat = "none"
+  c.tokenizer.qformer = "tiny:bert"
+  c.tokenizer.llm = f"tiny:{family}" if family else ""
+  c.data.source = "shapes"
+  c.data.num_records = 64
+  c.data.max_txt_len = 12
+  c.global_batch_size = 8
+  c.total_steps = 3
+  c.num_epochs = 0
+  c.optim.warmup_steps = 1
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.keep_checkpoints = 2
+  return c

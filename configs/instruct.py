@@ -1,0 +1,27 @@
+"""InstructBLIP instruction tuning: the instruction enters the Q-Former and the frozen LLM; the
+loss is on the response only. Data: JSONL {"image", "instruction", "response"}.
+
+InstructBLIP paper: 60k steps max, batch 192 (FlanT5-XL) / 128 (FlanT5-XXL, Vicuna), lr 1e-5 with
+1000 warmup steps, AdamW (0.9, 0.999, wd 0.05), ViT and LLM frozen, max text length 128 / output 256.
+"""
+from configs import common
+
+LLMS = {"flant5xl": ("t5", 192), "flant5xxl": ("t5", 128), "vicuna7b": ("llama", 128), "vicuna13b": ("llama", 128)}
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, llm="vicuna7b", tiny=False)
+  if a.llm not in LLMS:
+    raise ValueError(f"llm={a.llm!r}: choose one of {sorted(LLMS)}")
+  family, batch = LLMS[a.llm]
+  c = common.base("instruct")
+  c.model.family = family
+  c.model.architecture = "InstructBlipForConditionalGeneration"
+  c.model.init = "pretrained"
+  c.total_steps = 60_000
+  c.global_batch_size = batch
+  c.data.max_txt_len = 128
+  c.optim.update(lr=1e-5, min_lr=0.0, warmup_steps=1000, b2=0.999)
+  if a.tiny:
+    common.tiny(c, family)
+  return c
