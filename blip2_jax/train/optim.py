@@ -6,9 +6,13 @@ optimizer is built over the trainable subtree only, so frozen leaves carry no op
 and the train step differentiates w.r.t. the trainable subtree only, so XLA never computes (or
 allocates) weight gradients of the frozen ViT / LLM.
 
-Weight decay follows LAVIS (`get_optimizer_params`): none on parameters with fewer than 2
-dimensions (biases, norm scales, the temperature) or whose name holds "bias", "ln" / "norm"
-(layer norms), nor on the query tokens (BLIP-2 paper: no decay on them).
+Weight decay follows LAVIS 1.0.2 (`RunnerBase.optimizer`: no decay where `p.ndim < 2 or "bias" in n
+or "ln" in n or "bn" in n`), adapted to our names, plus the issue's "none on query tokens": no decay
+on leaves with fewer than 2 dimensions (biases, norm scales, the temperature), on any leaf whose
+path has a component containing "bias" or "norm" (case-insensitive: LayerNorm, layernorm,
+layer_norm1, final_layer_norm, input_layernorm, RMS `norm`; this also catches scanned stacks, where
+a bias or norm scale is (layers, d)), a component "ln" / "ln_*", "query_tokens" or "temp". LAVIS
+decays the query tokens (ndim 3); we do not. Embedding tables and kernels (ndim >= 2) are decayed.
 """
 from __future__ import annotations
 
@@ -47,7 +51,8 @@ def partition(tree, mask):
   def split(t, m, want):
     if isinstance(t, dict):
       out = {k: split(t[k], m[k], want) for k in t}
-      return {k: v for k, v in out.items() if v is not None}
+      out = {k: v for k, v in out.items() if v is not None}
+      return out or None
     return t if bool(m) == want else None
   trainable = split(tree, mask, False) or {}
   frozen = split(tree, mask, True) or {}
@@ -68,7 +73,7 @@ def merge(trainable, frozen):
   return out
 
 
-_NO_DECAY = re.compile(r"(^|/)(bias|[^/]*norm[^/]*|ln(_[^/]*)?|query_tokens|temp)(/|$)", re.IGNORECASE)
+_NO_DECAY = re.compile(r"(^|/)([^/]*bias[^/]*|[^/]*norm[^/]*|ln(_[^/]*)?|query_tokens|temp)(/|$)", re.IGNORECASE)
 
 
 def decay_mask(trainable):
@@ -80,7 +85,14 @@ def decay_mask(trainable):
 def lr_schedule(peak: float, *, warmup_steps: int, total_steps: int, min_lr: float = 0.0,
                 warmup_init: float = 0.0) -> optax.Schedule:
   """Linear warmup from `warmup_init` to `peak` over `warmup_steps`, then cosine decay to `min_lr`
-  at `total_steps` (per step; LAVIS's linear_warmup_cosine_lr applies the cosine per epoch)."""
+  at `total_steps`, constant `min_lr` after.
+
+  lr(s) = warmup_init + (peak - warmup_init) * s / warmup_steps          for s < warmup_steps
+        = min_lr + (peak - min_lr) * (1 + cos(pi * (s - w) / (total - w))) / 2   up to total_steps
+  Evaluated per optimizer step (the paper's stage-1/2 schedules are in steps). LAVIS's
+  `linear_warmup_cosine_lr` warms up per iteration in epoch 0 only and then steps the cosine once per
+  EPOCH (lr = min + (init - min) * (1 + cos(pi * epoch / max_epoch)) / 2); per-step cosine is the
+  smooth version of it (pass total_steps = epochs * steps_per_epoch)."""
   warmup_steps = max(0, min(int(warmup_steps), int(total_steps)))
   decay = max(1, int(total_steps) - warmup_steps)
   cosine = optax.cosine_decay_schedule(peak, decay, alpha=(min_lr / peak) if peak else 0.0)
