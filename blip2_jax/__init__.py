@@ -6,6 +6,7 @@
 """
 from blip2_jax.weights.hf import from_pretrained, save_pretrained  # noqa: F401
 from blip2_jax.weights.io import CheckpointError  # noqa: F401
-from blip2_jax.inference import answer, caption, generate, retrieval_scores  # noqa: F401
+from blip2_jax.inference import generate, retrieval_scores  # noqa: F401
+# (caption() and answer() live in blip2_jax.inference: `blip2_jax.caption` is the captioning CLI module)
 
 __version__ = "0.1.0"

@@ -112,7 +112,7 @@ def tiny(c: ml_collections.ConfigDict, family: str | None) -> ml_collections.Con
   c.model.num_query_tokens = hf.num_query_tokens
   c.model.dtype = "float32"
   c.model.frozen_dtype = "float32"
-  c.model.scan = False
+  c.model.scan = True  # also compiles ~2x faster than unrolled layers
   c.model.remat = "none"
   c.tokenizer.qformer = "tiny:bert"
   c.tokenizer.llm = f"tiny:{family}" if family else ""

@@ -22,7 +22,7 @@ Everything is traceable: call `prefill` and the search inside one `jax.jit` with
 argument of the jitted function (step_fn closes over them; closing over concrete params would
 bake them into the program as constants). `max_new_tokens` must be static.
 The search's state needs batch-leading leaves, so the caches (layer-leading inside the models,
-for nn.scan) are kept as (B, L, ...) in the state and transposed around each step.
+for nn.scan) are kept in the state as a list of per-layer (B, ...) caches, stacked for each step.
 """
 from __future__ import annotations
 
@@ -38,11 +38,17 @@ StepFn = Callable[[Any, Array, Array], tuple[Array, Any]]
 
 
 def _to_batch_major(cache):
-  return jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1), cache)
+  """Layer-leading cache (L, B, ...) -> list of L per-layer caches (B, ...): batch-leading leaves
+  for the search without moving any data (a transpose copied the whole cache every step)."""
+  n = jax.tree_util.tree_leaves(cache)[0].shape[0]
+  return [jax.tree_util.tree_map(lambda a, i=i: a[i], cache) for i in range(n)]
 
 
 def _to_layer_major(cache):
-  return jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 1, 0), cache)
+  """Inverse of `_to_batch_major`. Unrolled models index the stack right back per layer, which
+  XLA folds away (slice of concatenate), so each layer's buffer is updated in place; a scanned
+  model pays one stacking copy."""
+  return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cache)
 
 
 def insert_queries(queries: Array, text_embeds: Array, input_ids: Array, attention_mask: Array,

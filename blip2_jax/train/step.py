@@ -8,7 +8,10 @@
 The state holds the trainable leaves (float32 master weights), the frozen leaves (optionally
 bf16) and the optimizer state of the trainable leaves only. `jax.grad` is taken w.r.t.
 `state.trainable` with the frozen tree closed over, so no weight gradient of a frozen tower is
-computed; XLA also drops the backward through the ViT when nothing before it is trainable.
+computed: a frozen ViT (nothing before it trains) gets no backward pass at all, a frozen LLM only
+the input gradients the Q-Former needs (tests/train/test_optim.py counts the traced matmuls).
+Mixed precision: the model computes in its config dtype (e.g. from_pretrained(dtype=bf16)); the
+trainable leaves stay float32 master weights, frozen ones may be stored in `frozen_dtype`.
 """
 from __future__ import annotations
 
@@ -90,7 +93,11 @@ def init_train_state(params: dict, frozen_patterns, tx: optax.GradientTransforma
                      frozen_dtype=None, shardings: dict | None = None) -> TrainState:
   """Partitions `params` by the frozen regexes, casts trainable leaves to float32 and frozen ones to
   `frozen_dtype` (if given), places them in `shardings` (a tree like `params`, from
-  `param_shardings`) and initialises the optimizer on the trainable leaves only."""
+  `param_shardings`) and initialises the optimizer on the trainable leaves only (Adam's mu / nu
+  sharded like their parameters, see `opt_state_shardings`).
+
+  The state may share buffers with `params` (a cast or placement that changes nothing is a no-op),
+  and `jit_train_step` donates the state: do not use `params` after the first step."""
   mask = optim.path_mask(params, list(frozen_patterns)) if frozen_patterns else jax.tree.map(lambda _: False, params)
   trainable, frozen = optim.partition(params, mask)
   trainable = _cast_floats(trainable, jnp.float32)
@@ -102,18 +109,28 @@ def init_train_state(params: dict, frozen_patterns, tx: optax.GradientTransforma
     frozen = jax.device_put(frozen, sh_frozen)
     mesh = jax.tree.leaves(shardings)[0].mesh
     repl = NamedSharding(mesh, P())
-    # the optimizer state follows the parameters it mirrors (XLA propagates their shardings)
-    opt_state = jax.jit(tx.init)(trainable)
-    opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-                             else jax.device_put(x, repl), opt_state)
+    # jit(tx.init) alone would replicate mu / nu (zeros carry no sharding to propagate): place them
+    # explicitly like the parameters they mirror
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, sh_train, mesh))(trainable)
     return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl), trainable=trainable, frozen=frozen,
                       opt_state=opt_state)
   return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                     opt_state=tx.init(trainable))
 
 
+def opt_state_shardings(tx: optax.GradientTransformation, trainable, trainable_shardings, mesh=None):
+  """Shardings of `tx.init(trainable)`: every params-shaped subtree of the optimizer state (Adam's
+  mu and nu) takes the shardings of the parameters it mirrors (`optax.tree_map_params`), the rest
+  (step counts) is replicated."""
+  mesh = mesh if mesh is not None else jax.tree.leaves(trainable_shardings)[0].mesh
+  abstract = jax.eval_shape(tx.init, trainable)
+  return optax.tree_map_params(tx, lambda _, sh: sh, abstract, trainable_shardings,
+                               transform_non_params=lambda _: NamedSharding(mesh, P()))
+
+
 def state_shardings(state: TrainState):
-  """The shardings of a placed state (for jit in/out shardings and checkpoint restore)."""
+  """The shardings of a placed (or abstract, sharding-annotated) state, for jit in/out shardings
+  and checkpoint restore."""
   return jax.tree.map(lambda x: x.sharding, state)
 
 
@@ -178,8 +195,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_
 def jit_train_step(step, mesh, state: TrainState, *, rules=shd.DEFAULT_RULES, donate: bool = True):
   """`step` compiled over `mesh`: the state keeps its shardings, batches are split over
   (data, fsdp), metrics come back replicated; activations follow the modules' logical
-  constraints under `rules`. The old state's buffers are donated."""
-  st_sh = state_shardings(state)
+  constraints under `rules`. The old state's buffers are donated.
+
+  `state`: a placed TrainState (its arrays' shardings are used) or a TrainState of shardings
+  (`state_shardings(...)`)."""
+  is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+  leaves = jax.tree.leaves(state, is_leaf=is_sh)
+  st_sh = state if leaves and all(is_sh(x) for x in leaves) else state_shardings(state)
   repl = NamedSharding(mesh, P())
 
   def run(state, batch, rng):
