@@ -120,10 +120,10 @@ def tiny(c: ml_collections.ConfigDict, family: str | None) -> ml_collections.Con
   c.data.num_records = 64
   c.data.max_txt_len = 12
   c.global_batch_size = 8
-  c.total_steps = 3
+  c.total_steps = 40
   c.num_epochs = 0
-  c.optim.warmup_steps = 1
-  c.log_every = 1
-  c.checkpoint_every = 2
+  c.optim.update(lr=2e-3, min_lr=1e-4, warmup_steps=2, warmup_init=1e-4)  # a random tiny model learns fast
+  c.log_every = 10
+  c.checkpoint_every = 20
   c.keep_checkpoints = 2
   return c

@@ -17,11 +17,12 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax import sharding as shd
@@ -156,9 +157,89 @@ class _Interrupt:
       signal.signal(signal.SIGTERM, self._old)
 
 
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (config.peak_tflops overrides).
+PEAK_TFLOPS = {"TPU v4": 275, "TPU v5 lite": 197, "TPU v5e": 197, "TPU v5p": 459, "TPU v5": 459, "TPU v6 lite": 918,
+               "TPU v6e": 918, "H100": 989, "H200": 989, "H800": 989, "A100": 312, "A800": 312, "L4": 121,
+               "B200": 2250}
+
+
+def peak_flops(config) -> float | None:
+  """Peak bf16 FLOP/s of one device (None when unknown, e.g. on CPU)."""
+  if config.get("peak_tflops"):
+    return float(config.peak_tflops) * 1e12
+  kind = jax.devices()[0].device_kind
+  for name, tf in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind.lower():
+      return tf * 1e12
+  return None
+
+
+def step_flops(jitted, *args) -> float | None:
+  """FLOPs of one compiled train step from XLA's cost analysis of the lowered program: what runs,
+  so frozen towers count forward-only (no weight gradients are computed for them)."""
+  try:
+    cost = jitted.lower(*args).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) or None
+  except Exception as e:  # cost analysis is best-effort; training goes on without MFU
+    log.warning("no FLOP estimate: %s", e)
+    return None
+
+
+class _Logger:
+  """stdout lines + a progress bar (stderr) + metrics.jsonl + TensorBoard events, on process 0."""
+
+  def __init__(self, workdir: str, total: int, start: int):
+    self.on = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.bar = self.tb = None
+    if not self.on:
+      return
+    try:
+      from tqdm.auto import tqdm
+      self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    except ImportError:
+      pass
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+    except ImportError:
+      log.warning("tensorboardX is not installed: no TensorBoard events (pip install tensorboardX)")
+
+  def print(self, msg: str):
+    if self.on:
+      (self.bar.write if self.bar is not None else print)(msg)
+      sys.stdout.flush()
+
+  def step(self, loss: float | None = None):
+    if self.bar is not None:
+      self.bar.update(1)
+      if loss is not None:
+        self.bar.set_postfix(loss=f"{loss:.4g}")
+
+  def metrics(self, step: int, m: dict):
+    if not self.on:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(dict(step=step, **m)) + "\n")
+    if self.tb is not None:
+      for k, v in m.items():
+        if isinstance(v, (int, float)):
+          self.tb.add_scalar(k, v, step)
+      self.tb.flush()
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
 def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   """Runs (or resumes) the training `config` describes in `workdir`; returns the last metrics.
-  `max_steps` stops early (after that many steps of this call) with a checkpoint, for tests."""
+  `max_steps` stops early (after that many steps of this call) with a checkpoint, for tests.
+  A non-finite loss stops the run (FloatingPointError naming the step and the last good
+  checkpoint); the bad state is not saved."""
   from blip2_jax.train import batches, optim, setup as setup_lib, step as step_lib
 
   os.makedirs(workdir, exist_ok=True)
@@ -179,8 +260,10 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   shardings = step_lib.state_shardings(state)
   n_train = setup_lib.count_params(state.trainable)
   n_frozen = setup_lib.count_params(state.frozen)
-  _print(f"{config.task}: {st.model.config.architecture}, {n_train / 1e6:.2f}M trainable + {n_frozen / 1e6:.2f}M "
-         f"frozen parameters; mesh {dict(mesh.shape)}; {steps} steps of {config.global_batch_size}")
+  logger = _Logger(workdir, steps, 0)
+  logger.print(f"{config.task}: {st.model.config.architecture}, {n_train / 1e6:.2f}M trainable + "
+               f"{n_frozen / 1e6:.2f}M frozen parameters; mesh {dict(mesh.shape)}; {steps} steps of "
+               f"{config.global_batch_size}")
 
   train_step = step_lib.jit_train_step(step_lib.make_train_step(make_loss_fn(config, st), tx,
                                                                 accum_steps=config.accum_steps, schedule=schedule),
@@ -192,55 +275,109 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   start = 0
   latest = ckpt.latest_step()
   if latest is not None:
+    # restore onto this run's mesh (the checkpoint may come from another topology)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     state, data_state = ckpt.restore(latest, abstract)
     it.set_state(data_state)
     start = latest
-    _print(f"resumed from {ckpt.directory}/{latest}")
+    logger.print(f"resumed from {ckpt.directory}/{latest}")
+  if logger.bar is not None:
+    logger.bar.n = start
+  eval_set = None
+  if config.get("eval_every", -1) >= 0:  # 0: only at the end; N: every N steps too
+    from blip2_jax.train import evaluate as eval_lib
+    eval_set = eval_lib.make_eval_set(config, st)
 
-  rng = jax.random.PRNGKey(config.seed)
-  host_rng_seed = np.random.SeedSequence([config.seed, jax.process_index()])
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  def run_eval(step_no):
+    if eval_set is None:
+      return {}
+    params = optim.merge(state.trainable, state.frozen)
+    res = eval_lib.evaluate(config, st, params, eval_set)
+    scalars = {k: float(v) for k, v in res.items() if isinstance(v, (int, float, np.floating))}
+    logger.print(f"eval at step {step_no}: " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+    for ex in res.get("eval/examples", [])[:4]:
+      logger.print(f"  {ex}")
+    logger.metrics(step_no, scalars)
+    return scalars
+
+  rng = jax.random.PRNGKey(config.seed)  # step s uses fold_in(rng, s): a resumed run draws the same keys
+  host_seed = np.random.SeedSequence([config.seed, jax.process_index()]).generate_state(2)
   last: dict = {}
   skipped = 0
   stop = steps if max_steps is None else min(steps, start + max_steps)
-  step = start
-  t_log = time.time()
+  flops = peak = None
+  done = start
+  pending = None  # (step, loss array) of the previous step: checked one step late, so the host
+  bad = False     # never waits for the device before dispatching the next step
+  t_log, n_log = time.time(), 0
+
+  def check(p):
+    nonlocal bad
+    if p is None:
+      return None
+    v = float(p[1])
+    if not np.isfinite(v):
+      bad = True
+      good = ckpt.latest_step()
+      raise FloatingPointError(
+          f"loss is {v} at step {p[0]}; stopping without saving this state. The last good checkpoint is "
+          + (f"{ckpt.directory}/{good}" if good is not None else "none (no checkpoint was saved yet)")
+          + ": rerun to resume from it (with a lower optim.lr or optim.clip_norm, or check the data)")
+    return v
+
   with _Interrupt() as interrupt:
     try:
       for step in range(start, stop):
         raw = next(it)
         skipped += int(raw.pop("num_skipped", 0))
-        batch = to_model(raw, np.random.default_rng([*host_rng_seed.generate_state(2), step]))
-        state, m = train_step(state, global_batch(batch, batch_sharding), jax.random.fold_in(rng, step))
-        done = step + 1
+        batch = global_batch(to_model(raw, np.random.default_rng([*host_seed, step])), batch_sharding)
+        key = jax.random.fold_in(rng, step)
+        if flops is None and step == start:
+          with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
+            flops, peak = step_flops(train_step.jitted, state, batch, key), peak_flops(config)
+        state, m = train_step(state, batch, key)
+        loss = check(pending)
+        pending = (step + 1, m["loss"])
+        done, n_log = step + 1, n_log + 1
+        logger.step(loss)
         if done % config.log_every == 0 or done == stop:
-          m = {k: float(v) for k, v in jax.device_get(m).items()}
+          check(pending)
+          mh = {k: float(v) for k, v in jax.device_get(m).items()}
           dt = time.time() - t_log
-          t_log = time.time()
-          last = dict(step=done, **m, skipped_images=skipped, seconds=round(dt, 3))
-          _print(" ".join([f"step {done}/{steps}"] + [f"{k} {v:.4g}" for k, v in m.items()]
-                          + [f"skipped {skipped}", f"{dt:.1f}s"]))
-          if jax.process_index() == 0:
-            with open(metrics_path, "a") as f:
-              f.write(json.dumps(last) + "\n")
+          mh["images_per_s"] = n_log * config.global_batch_size / max(dt, 1e-9)
+          if flops:
+            achieved = flops * n_log / max(dt, 1e-9) / jax.device_count()
+            mh["tflops_per_device"] = achieved / 1e12
+            if peak:
+              mh["mfu"] = achieved / peak
+          t_log, n_log = time.time(), 0
+          last = dict(step=done, **mh, skipped_images=skipped)
+          logger.print(" ".join([f"step {done}/{steps}"] + [f"{k} {v:.4g}" for k, v in mh.items()]
+                                + [f"skipped {skipped}"]))
+          logger.metrics(done, dict(mh, skipped_images=skipped))
+        if config.get("eval_every", 0) > 0 and done % config.eval_every == 0 and done != stop:
+          last.update(run_eval(done))
         if done % config.checkpoint_every == 0 and done != stop:
           ckpt.save(done, state, it.get_state())
         if interrupt.requested:
-          _print(f"SIGTERM: saving step {done} and stopping")
+          logger.print(f"SIGTERM: saving step {done} and stopping")
           stop = done
           break
+      check(pending)
     except KeyboardInterrupt:
-      stop = step  # the step in flight did not finish: save the last completed one
-      _print(f"interrupted: saving step {stop}")
+      logger.print(f"interrupted: saving step {done}")
+      stop = done
       raise
     finally:
-      if stop > start and ckpt.latest_step() != stop:
-        ckpt.save(stop, state, it.get_state(), force=True)
+      if not bad and done > start and ckpt.latest_step() != done:
+        ckpt.save(done, state, it.get_state(), force=True)
       ckpt.wait()
       ckpt.close()
-  if stop == steps and config.export_hf:
-    export(st, state, os.path.join(workdir, "hf"))
+      logger.close()
+  if stop == steps:
+    last.update(run_eval(stop))
+    if config.export_hf:
+      export(st, state, os.path.join(workdir, "hf"))
   _print(f"done: step {stop}/{steps} in {time.time() - t0:.1f}s")
   return last
 
