@@ -60,21 +60,27 @@ def load_image(path: str | os.PathLike):
   The file is decoded fully here, so a truncated or corrupt file fails now, naming the file;
   URLs and base64 strings (which HF also accepts) are not supported: pass a local path.
   """
-  PIL = _pil()
   path = os.fspath(path)
   if not os.path.exists(path):
     raise ImageLoadError(f"image file not found: {path}")
   if not os.path.isfile(path):
     raise ImageLoadError(f"not a file: {path}")
+  return decode(path, path)
+
+
+def decode(src, label: str):
+  """Opens `src` (a path or a binary file object) fully as an RGB `PIL.Image` (EXIF orientation
+  applied); any decoding failure becomes an ImageLoadError naming `label`."""
+  PIL = _pil()
   try:
-    with PIL.Image.open(path) as im:
+    with PIL.Image.open(src) as im:
       im.load()  # decode now: truncated / corrupt data raises here, not later in resize
       im = PIL.ImageOps.exif_transpose(im)
       return im.convert("RGB")
   except PIL.UnidentifiedImageError as e:
-    raise ImageLoadError(f"{path} is not an image file Pillow can identify ({e})") from e
+    raise ImageLoadError(f"{label} is not an image file Pillow can identify ({e})") from e
   except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
-    raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    raise ImageLoadError(f"cannot read image {label}: {type(e).__name__}: {e}") from e
 
 
 def _to_rgb_uint8(image) -> np.ndarray:

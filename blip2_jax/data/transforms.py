@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from blip2_jax.processing import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_BICUBIC, ImageLoadError, _pil,
+from blip2_jax.processing import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_BICUBIC, ImageLoadError, _pil, decode,
                                   load_image)
 
 CROP_SCALE = (0.5, 1.0)
@@ -65,16 +65,7 @@ def decode_image(image, name: str | None = None):
   if isinstance(image, PIL.Image.Image):
     return image.convert("RGB")
   if isinstance(image, (bytes, bytearray, memoryview)):
-    label = name or "<image bytes>"
-    try:
-      with PIL.Image.open(io.BytesIO(bytes(image))) as im:
-        im.load()
-        im = PIL.ImageOps.exif_transpose(im)
-        return im.convert("RGB")
-    except PIL.UnidentifiedImageError as e:
-      raise ImageLoadError(f"{label} is not an image file Pillow can identify ({e})") from e
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
-      raise ImageLoadError(f"cannot read image {label}: {type(e).__name__}: {e}") from e
+    return decode(io.BytesIO(bytes(image)), name or "<image bytes>")
   a = np.asarray(image)
   if a.dtype != np.uint8 or a.ndim not in (2, 3):
     raise ImageLoadError(f"{name or 'image array'}: expected uint8 (H, W[, C]), got {a.dtype} {a.shape}")

@@ -27,7 +27,7 @@ if nproc > 1:
 import numpy as np  # noqa: E402
 
 from blip2_jax import sharding as shd  # noqa: E402
-from blip2_jax.train import batches, optim, setup, step as S  # noqa: E402
+from blip2_jax.train import batches, setup, step as S  # noqa: E402
 from configs import stage1  # noqa: E402
 
 
