@@ -8,8 +8,9 @@ optimizer state, step) and the data iterator's state, saved together every
 writes to a temporary directory and renames it when complete, and keeps the last
 `keep_checkpoints`, so a crash mid-save never loses the previous checkpoint. A rerun with the same
 workdir resumes from the latest one, with exactly the batches that would have come next.
-Metrics go to stdout and WORKDIR/metrics.jsonl; at the end the trained model is exported as a HF
-directory (WORKDIR/hf; stage-1 tasks add qformer_lm_head.safetensors) unless `export_hf` is off.
+Metrics go to stdout, WORKDIR/metrics.jsonl and WORKDIR/tb; at the end the trained model is exported
+as a HF directory (WORKDIR/hf; stage-1 tasks add qformer_lm_head.safetensors) unless `export_hf` is
+off. A remote WORKDIR (gs://...) holds the checkpoints; logs and the export then go to ./runs/<name>.
 """
 from __future__ import annotations
 
@@ -69,6 +70,11 @@ def make_loader(config, setup, source):
       **kw)
 
 
+def is_remote(path: str) -> bool:
+  """gs://, s3://, ... (written by orbax through its filesystem layer, not by os)."""
+  return "://" in str(path)
+
+
 def global_batch(batch: dict, sharding) -> dict:
   """Per-process numpy batch -> global jax arrays (each process holds its rows)."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
@@ -84,7 +90,7 @@ class Checkpoints:
   def __init__(self, directory: str, keep: int):
     import orbax.checkpoint as ocp
     self._ocp = ocp
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if is_remote(directory) else os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True),
         item_names=("state", "data"))
@@ -242,7 +248,14 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   checkpoint); the bad state is not saved."""
   from blip2_jax.train import batches, optim, setup as setup_lib, step as step_lib
 
-  os.makedirs(workdir, exist_ok=True)
+  # Checkpoints go to `workdir` itself (orbax writes gs:// and other remote paths); the logs and the
+  # HF export are local files, so for a remote workdir they go to ./runs/<its last component>.
+  local = workdir
+  if is_remote(workdir):
+    local = os.path.join("runs", workdir.rstrip("/").rsplit("/", 1)[-1])
+    _print(f"workdir {workdir} is remote: checkpoints go there; metrics, TensorBoard events and the HF "
+           f"export go to {os.path.abspath(local)}")
+  os.makedirs(local, exist_ok=True)
   t0 = time.time()
   mesh = shd.make_mesh(tuple(config.mesh))
   st = setup_lib.build(config)
@@ -260,7 +273,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   shardings = step_lib.state_shardings(state)
   n_train = setup_lib.count_params(state.trainable)
   n_frozen = setup_lib.count_params(state.frozen)
-  logger = _Logger(workdir, steps, 0)
+  logger = _Logger(local, steps, 0)
   logger.print(f"{config.task}: {st.model.config.architecture}, {n_train / 1e6:.2f}M trainable + "
                f"{n_frozen / 1e6:.2f}M frozen parameters; mesh {dict(mesh.shape)}; {steps} steps of "
                f"{config.global_batch_size}")
@@ -271,7 +284,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   batch_sharding = step_lib.batch_sharding(mesh)
   to_model = batches.make_batch_fn(config, st)
   it = iter(make_loader(config, st, source))
-  ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  ckpt = Checkpoints(workdir.rstrip("/") + "/checkpoints", config.keep_checkpoints)
   start = 0
   latest = ckpt.latest_step()
   if latest is not None:
@@ -377,7 +390,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   if stop == steps:
     last.update(run_eval(stop))
     if config.export_hf:
-      export(st, state, os.path.join(workdir, "hf"))
+      export(st, state, os.path.join(local, "hf"))
   _print(f"done: step {stop}/{steps} in {time.time() - t0:.1f}s")
   return last
 
