@@ -89,10 +89,16 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.data.tfds_name = ""
   c.data.tfds_split = "train"
   c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
-  c.data.num_records = 0            # shapes: how many synthetic scenes
+  c.data.num_records = 0            # shapes: how many synthetic scenes (eval: the held-out test split)
+  c.data.eval_annotations = ""      # held-out LAVIS / COCO / JSONL caption file for in-training eval
+  c.data.eval_images_dir = ""       # default: data.images_dir
   c.data.max_txt_len = 32
   c.data.max_words = 50
   c.data.worker_count = 0
+
+  c.eval_every = 0                  # -1: never; 0: only at the end; N: every N steps and at the end
+  c.eval = ml_collections.ConfigDict(dict(num_records=32, batch_size=16, max_new_tokens=20, num_beams=1,
+                                          k=16, num_examples=4))  # held-out images (0 = all of the file)
 
   c.mesh = (-1, 1, 1)               # (data, fsdp, tensor); one -1 takes the remaining devices
   c.log_every = 50

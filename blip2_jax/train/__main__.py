@@ -32,6 +32,8 @@ def _auto_distributed() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   import jax
   if _DISTRIBUTED.value or _auto_distributed():
     # before any backend starts; affects only CPU devices (multi-process CPU runs and tests)
