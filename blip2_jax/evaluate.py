@@ -244,7 +244,7 @@ def _run_retrieval(a, records, paths):
   except FileNotFoundError as e:
     raise SystemExit(str(e)) from e
   proc = processing.ImageProcessor.from_pretrained(a.model)
-  bar = inference._progress(len(paths), "loading images", True)
+  bar = inference.progress_bar(len(paths), "loading images")
   px = []
   for p in paths:
     px.append(proc.preprocess_one(p))

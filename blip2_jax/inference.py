@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool = True):
   """A tqdm bar on stderr when tqdm is installed and `enabled`, else a no-op."""
   if enabled:
     try:
@@ -49,7 +49,7 @@ def _map_batched(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int, de
   """Applies `fn(*batch)` -> tuple of arrays over rows in fixed-size batches; concatenates results."""
   n = arrays[0].shape[0]
   outs: list[list[np.ndarray]] = []
-  bar = _progress(n, desc, progress)
+  bar = progress_bar(n, desc, progress)
   for s, e in _padded_batches(n, batch_size):
     res = fn(*[jnp.asarray(_pad_rows(a[s:e], batch_size)) for a in arrays])
     res = res if isinstance(res, tuple) else (res,)
@@ -290,7 +290,7 @@ def _batched_texts(run, tokenizer, images, image_size, *, batch_size, progress, 
     processor = processing.ImageProcessor(size=image_size)
   bs = max(1, min(batch_size, n))
   out: list[str | None] = [None] * n
-  bar = _progress(n, desc, progress)
+  bar = progress_bar(n, desc, progress)
   for s, e in _padded_batches(n, bs):
     ok = [True] * (e - s)
     if pre is not None:

@@ -20,26 +20,8 @@ import sys
 
 from blip2_jax.data.sources import expand_captions, read_annotations, serialize_record
 from blip2_jax.data.transforms import decode_image
+from blip2_jax.inference import progress_bar
 from blip2_jax.processing import ImageLoadError
-
-
-def _progress(total: int, desc: str):
-  try:
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True)
-  except ImportError:  # pragma: no cover - tqdm is a listed dependency
-    class _Plain:
-      def __init__(self):
-        self.n = 0
-
-      def update(self, k=1):
-        self.n += k
-        if self.n % 1000 == 0 or self.n == total:
-          print(f"{desc}: {self.n}/{total}", file=sys.stderr)
-
-      def close(self):
-        pass
-    return _Plain()
 
 
 def shard_name(prefix: str, k: int, n: int) -> str:
@@ -61,7 +43,7 @@ def convert(annotations: str, images_dir: str, output: str, *, num_shards: int =
   os.makedirs(out_dir, exist_ok=True)
   shards = [shard_name(output, k, num_shards) for k in range(num_shards)]
   bounds = [len(records) * k // num_shards for k in range(num_shards + 1)]
-  bar = _progress(len(records), f"writing {num_shards} shard(s)") if progress else None
+  bar = progress_bar(len(records), f"writing {num_shards} shard(s)") if progress else None
   skipped, written = [], 0
   cache: dict[str, bytes | Exception] = {}  # a caption-expanded image is read once
   for k, path in enumerate(shards):

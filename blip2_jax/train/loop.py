@@ -271,8 +271,8 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
                                     shardings=step_lib.param_shardings(st.model, st.params, mesh))
   st.params = None  # the state holds them now (frozen ones possibly cast)
   shardings = step_lib.state_shardings(state)
-  n_train = setup_lib.count_params(state.trainable)
-  n_frozen = setup_lib.count_params(state.frozen)
+  n_train = step_lib.count_params(state.trainable)
+  n_frozen = step_lib.count_params(state.frozen)
   logger = _Logger(local, steps, 0)
   logger.print(f"{config.task}: {st.model.config.architecture}, {n_train / 1e6:.2f}M trainable + "
                f"{n_frozen / 1e6:.2f}M frozen parameters; mesh {dict(mesh.shape)}; {steps} steps of "

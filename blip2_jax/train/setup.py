@@ -22,7 +22,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 STAGE1_TASKS = ("stage1", "retrieval")
 LM_TASKS = ("stage2", "caption", "instruct")
@@ -198,7 +197,3 @@ def build(config) -> Setup:
     spec = config.tokenizer.llm or config.model.language_model or config.model.pretrained
     ltok = load_tokenizer(spec, "llm")
   return Setup(model, tree, qtok, ltok, report)
-
-
-def count_params(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
