@@ -135,12 +135,14 @@ def _towers_stage2(config):
   if not m.pretrained or not m.language_model:
     raise ValueError("stage 2 with model.init='towers' needs model.pretrained (the stage-1 directory) and "
                      "model.language_model (the HF LLM directory)")
-  s1_model, s1_params = hf.from_pretrained(m.pretrained)
+  rt = _runtime(config)
+  # read with this run's layout (scanned or per-layer), so the copied subtrees fit the new model
+  s1_model, s1_params = hf.from_pretrained(m.pretrained, **{k: v for k, v in rt.items() if k != "param_dtype"},
+                                           param_dtype=jnp.float32)
   s1 = s1_model.config
   if s1.text is not None:
     raise ValueError(f"model.pretrained {m.pretrained} already has a language model ({s1.architecture}); "
                      "use model.init='pretrained' to continue training it")
-  rt = _runtime(config)
   text = towers.text_config_from_dir(m.language_model, **rt)
   qcfg = dataclasses.replace(s1.qformer, use_qformer_text_input=False)  # LAVIS stage 2 drops the text FFN
   cfg = blip2.Blip2Config(vision=s1.vision, qformer=qcfg, text=text, num_query_tokens=s1.num_query_tokens,

