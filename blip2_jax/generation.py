@@ -244,6 +244,8 @@ def _beam(step_fn, state, first_logits, ctx, ctx_mask, rng, o: _Options):
   procs = o.processors(len(o.eos) + 1 if o.do_sample else 1)
 
   state = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), state)
+  # the step function may bring its own reorder (decoding's moves only what differs between beams)
+  reorder = getattr(step_fn, "reorder", None) or (lambda st, idx: jax.tree.map(lambda x: x[idx], st))
   run_seq = jnp.broadcast_to(
       jnp.concatenate([ctx, jnp.full((b, g), o.pad, jnp.int32)], axis=1)[:, None], (b, k, s))
   pen_mask = jnp.repeat(_penalty_mask(ctx_mask, g), k, axis=0)
@@ -303,7 +305,7 @@ def _beam(step_fn, state, first_logits, ctx, ctx_mask, rng, o: _Options):
 
   def body(carry):
     state, beams, beam_idx, feed, t, _ = carry
-    state = jax.tree.map(lambda x: x[beam_idx], state)  # HF reorder_cache
+    state = reorder(state, beam_idx)  # HF reorder_cache
     logits, state = step_fn(state, feed, t)
     beams, beam_idx, feed, cont = select(t + 1, logits, *beams)
     return state, beams, beam_idx, feed, t + 1, cont
@@ -337,6 +339,9 @@ def search(step_fn: StepFn, state, first_logits, context_ids, context_mask, *,
   first_logits (B, V): logits for the first new token (from the prefill, not beam-expanded).
   state: pytree with batch-leading leaves (expanded to B*num_beams and reordered for beams).
   step_fn(state, tokens (N,), step) -> (logits (N, V), state): feeds the token chosen at `step`.
+  Beam search reorders the state with `step_fn.reorder(state, beam_idx)` when step_fn has that
+  attribute (decoding's step functions do: they move only the cache slots beams do not share),
+  else every leaf as `x[beam_idx]`.
   context_ids / context_mask (B, C): HF's `input_ids` / attention mask (what processors see).
   eos_token_id: int, list of ints or None; pad_token_id defaults to the first EOS (HF).
   early_stopping: True, False or "never" (HF semantics). rng: jax key, required to sample.
