@@ -153,3 +153,48 @@ def tiny_tokenizer(family: str | None):
                            "[CLS] $A [SEP]", pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                            sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]")
   raise ValueError(f"unknown family {family!r}")
+
+
+# Questions / instructions over the generated scenes (blip2_jax.data.synthetic) for fine-tuning demos.
+SHAPES_QUESTIONS = (("what color are the shapes ?", "color"), ("how many shapes are there ?", "count"),
+                    ("what shape is in the picture ?", "shape"))
+SHAPES_INSTRUCTIONS = (("name the color of the shapes .", "color"), ("count the shapes .", "count"),
+                       ("name the shape .", "shape"))
+
+
+def write_shapes_dataset(root: str, name: str, task: str, num_records: int, *, seed: int = 0, size: int = 64,
+                         split: str = "all") -> str:
+  """A small fine-tuning dataset of generated scenes: PNGs in ROOT/images/NAME_i.png and ROOT/NAME.jsonl
+  in the `python -m blip2_jax.finetune` format (image paths relative to ROOT/images), one record per
+  scene: task "caption" ({"image", "caption"}), "vqa" ({"image", "question", "answers"}: ten answers as
+  VQAv2, nine right and one a random colour / count / shape, so answer sampling sees annotator noise)
+  or "instruct" ({"image", "instruction", "response"}). Questions cycle through colour, count and shape.
+  Returns the JSONL path."""
+  import json
+
+  from PIL import Image
+
+  from blip2_jax.data import synthetic
+  src = synthetic.ShapesSource(num_records, split=split, seed=seed, size=size)
+  choices = {"color": list(synthetic.COLORS), "count": list(synthetic.COUNTS), "shape": list(synthetic.SHAPES)}
+  rng = __import__("numpy").random.default_rng([seed, 99])
+  os.makedirs(os.path.join(root, "images"), exist_ok=True)
+  path = os.path.join(root, f"{name}.jsonl")
+  with open(path, "w") as f:
+    for i in range(num_records):
+      r = src[i]
+      image = f"{name}_{i}.png"
+      Image.fromarray(r["image"]).save(os.path.join(root, "images", image))
+      if task == "caption":
+        rec = {"image": image, "caption": r["caption"]}
+      elif task == "vqa":
+        q, attr = SHAPES_QUESTIONS[i % len(SHAPES_QUESTIONS)]
+        noise = str(rng.choice(choices[attr]))
+        rec = {"image": image, "question": q, "answers": [r[attr]] * 9 + [noise], "question_id": i}
+      elif task == "instruct":
+        ins, attr = SHAPES_INSTRUCTIONS[i % len(SHAPES_INSTRUCTIONS)]
+        rec = {"image": image, "instruction": ins, "response": r[attr]}
+      else:
+        raise ValueError(f"task must be caption, vqa or instruct, got {task!r}")
+      f.write(json.dumps(rec) + "\n")
+  return path

@@ -73,6 +73,7 @@ def base(task: str) -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(lr=1e-4, min_lr=1e-5, warmup_steps=2000, warmup_init=1e-6,
                                            clip_norm=1.0, **PAPER_ADAMW))
+  c.optim.lr_scales = ()            # ((regex over parameter paths, lr factor), ...): per-module multipliers
   c.total_steps = 0                 # 0: derived from num_epochs and the dataset size
   c.num_epochs = 0
   c.global_batch_size = 256
@@ -95,6 +96,7 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.data.max_txt_len = 32
   c.data.max_words = 50
   c.data.worker_count = 0
+  c.data.augment = True             # RandomResizedCrop(0.5-1) + flip as BLIP-2; False: resize only
 
   c.eval_every = 0                  # -1: never; 0: only at the end; N: every N steps and at the end
   c.eval = ml_collections.ConfigDict(dict(num_records=32, batch_size=16, max_new_tokens=20, num_beams=1,
@@ -123,6 +125,7 @@ def tiny(c: ml_collections.ConfigDict, family: str | None) -> ml_collections.Con
   c.tokenizer.qformer = "tiny:bert"
   c.tokenizer.llm = f"tiny:{family}" if family else ""
   c.data.source = "shapes"
+  c.data.augment = False  # flips and crops would falsify "on the left" / "three circles"
   c.data.num_records = 64
   c.data.max_txt_len = 12
   c.global_batch_size = 8

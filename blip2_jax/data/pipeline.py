@@ -229,7 +229,7 @@ def make_train_loader(source, *, global_batch_size: int, image_size: int, seed: 
                       num_epochs: int | None = None, shuffle: bool = True, worker_count: int = 0,
                       shard_options: grain.sharding.ShardOptions | None = None,
                       text_fn: Callable[[dict, Any], str] = caption_text, max_words: int = MAX_WORDS,
-                      read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+                      read_options: grain.ReadOptions | None = None, augment: bool = True) -> grain.IterDataset:
   """The BLIP-2 training pipeline over `source` (any `len` / `getitem` source of record dicts).
 
   Shards by JAX process (`shard_options` overrides: `grain.sharding.ShardOptions(i, n)`), each
@@ -239,7 +239,9 @@ def make_train_loader(source, *, global_batch_size: int, image_size: int, seed: 
   arrays`; `text_fn(record, rng) -> str` picks the text (default: the caption, a random one from a
   list), which then goes through `pre_caption(max_words)`; a text_fn returning a dict of strings
   (e.g. {"instruction", "response"}) gives those fields untouched and untokenised. `worker_count > 0` decodes in that many
-  grain worker processes (the iterator state stays exact). Returns a `grain.IterDataset`;
+  grain worker processes (the iterator state stays exact). `augment=False` replaces BLIP-2's
+  RandomResizedCrop + flip by the eval transform (resize + normalise), for data whose captions a
+  crop or a flip would falsify ("on the left", "three circles"). Returns a `grain.IterDataset`;
   `iter(...)` gives a `DatasetIterator` with `get_state` / `set_state` for checkpoints.
   """
   shard, per_process = _shard(shard_options, global_batch_size)
@@ -254,7 +256,8 @@ def make_train_loader(source, *, global_batch_size: int, image_size: int, seed: 
     ds = ds.shuffle(seed=int(seed) % 2**32)
   ds = ds.repeat(num_epochs)
   map_seed = int(np.random.SeedSequence([int(seed) % 2**32, shard.shard_index]).generate_state(1)[0])
-  example = _Example(source, image_size, text_fn, _tokenize(tokenizer, tokenize_fn, max_txt_len), max_words, True)
+  example = _Example(source, image_size, text_fn, _tokenize(tokenizer, tokenize_fn, max_txt_len), max_words,
+                     train=augment, processor=None if augment else ImageProcessor(image_size))
   ds = ds.random_map(_TrainMap(example), seed=map_seed)
   if read_options is None:
     read_options = grain.ReadOptions(num_threads=8, prefetch_buffer_size=max(2 * per_process, 16))

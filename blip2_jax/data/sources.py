@@ -126,17 +126,29 @@ def _nonempty_text(v) -> bool:
   return False
 
 
+# Keys people write by mistake -> what the format calls them (named in the "unknown keys" report).
+KEY_HINTS = {"answer": "answers", "captions": "caption", "text": "caption", "image_path": "image", "file_name": "image",
+             "output": "response", "prompt": "instruction", "input": "instruction"}
+
+
 def validate_annotations(records: str | os.PathLike | Sequence[dict], images_dir: str | os.PathLike | None,
-                         *, extra_keys: Iterable[str] = (), check_files: bool = True) -> list[tuple[int, str]]:
+                         *, extra_keys: Iterable[str] = (), check_files: bool = True,
+                         kinds: Iterable[str] | None = None) -> list[tuple[int, str]]:
   """Checks every record up front -> [(line_no, problem)], empty when all is well.
 
   `records` is a path (line numbers are JSONL file lines, or 1-based record numbers in a JSON list)
   or a list of dicts (1-based positions). Problems: invalid JSON, not an object, no "image", image
   file missing (when `check_files`), no known text field, a required text field missing or empty,
-  "answers" not a list, unknown keys (anything outside the three schemas, META_KEYS and `extra_keys`).
+  "answers" not a list, fields of two record kinds in one record, a kind outside `kinds` (a subset
+  of TEXT_SCHEMAS: what the task trains on), unknown keys (anything outside the three schemas,
+  META_KEYS and `extra_keys`; a likely misspelling is named, e.g. "answer" -> "answers").
   """
   raw = _read_raw(os.fspath(records)) if isinstance(records, (str, os.PathLike)) else list(enumerate(records, 1))
   known = KNOWN_KEYS | set(extra_keys)
+  allowed = None if kinds is None else tuple(kinds)
+  for k in allowed or ():
+    if k not in TEXT_SCHEMAS:
+      raise ValueError(f"unknown record kind {k!r}; choose from {sorted(TEXT_SCHEMAS)}")
   root = os.fspath(images_dir) if images_dir is not None else ""
   problems = []
   for n, rec in raw:
@@ -151,10 +163,19 @@ def validate_annotations(records: str | os.PathLike | Sequence[dict], images_dir
       problems.append((n, 'missing "image" path'))
     elif check_files and not os.path.isfile(os.path.join(root, img)):
       problems.append((n, f"image file not found: {os.path.join(root, img)}"))
+    present = [name for name, keys in TEXT_SCHEMAS.items() if any(k in rec for k in keys)]
     schema = schema_of(rec)
+    if len(present) > 1:
+      problems.append((n, f"mixes the fields of {' and '.join(present)} records "
+                          f"({', '.join(k for s in present for k in TEXT_SCHEMAS[s] if k in rec)}); one kind a line"))
+    elif schema is None and present:
+      schema = present[0]  # e.g. "answers" without "question": reported as a missing field below
     if schema is None:
       problems.append((n, f"no text field: expected one of {[k[0] for k in TEXT_SCHEMAS.values()]}"))
     else:
+      if allowed is not None and schema not in allowed:
+        problems.append((n, f"a {schema} record, but this task takes {' or '.join(allowed)} records "
+                            f"({' | '.join('+'.join(TEXT_SCHEMAS[a]) for a in allowed)})"))
       for k in TEXT_SCHEMAS[schema]:
         if k not in rec:
           problems.append((n, f'{schema} record without "{k}"'))
@@ -164,8 +185,19 @@ def validate_annotations(records: str | os.PathLike | Sequence[dict], images_dir
           problems.append((n, f'empty text in "{k}"'))
     unknown = sorted(set(rec) - known)
     if unknown:
-      problems.append((n, f"unknown keys: {', '.join(unknown)}"))
+      hints = [f"{k} (did you mean {KEY_HINTS[k]!r}?)" if k in KEY_HINTS else k for k in unknown]
+      problems.append((n, f"unknown keys: {', '.join(hints)}"))
   return problems
+
+
+def format_problems(problems: Sequence[tuple[int, str]], path: str, *, limit: int = 50) -> str:
+  """A report of `validate_annotations` problems, one "path:line: problem" per line (the first `limit`)."""
+  lines = sorted({n for n, _ in problems})
+  out = [f"{path}: {len(problems)} problem(s) on {len(lines)} line(s):"]
+  out += [f"  {path}:{n}: {p}" for n, p in problems[:limit]]
+  if len(problems) > limit:
+    out.append(f"  ... and {len(problems) - limit} more")
+  return "\n".join(out)
 
 
 def expand_captions(records: Sequence[dict]) -> list[dict]:

@@ -4,9 +4,14 @@ Every array gets a fixed width (`max_txt_len`), so the train step compiles once.
   stage1 / retrieval: pixel_values + BERT input_ids / attention_mask (tokenised in the pipeline)
   stage2 / caption:   pixel_values + LLM input_ids / attention_mask / labels (losses.build_stage2_batch:
                       OPT caption + "\\n", LLaMA + EOS, T5 prefix-LM split), caption FT with a prompt
-  instruct:           pixel_values + the instruction for the Q-Former (qformer_input_ids) and the LLM
-                      (decoder-only: [instruction; response + EOS], loss on the response only;
-                      T5: instruction to the encoder, response as the decoder target)
+                      (an InstructBLIP model also reads the prompt in its Q-Former)
+  vqa:                a prefix LM: prompt "Question: {q} Answer:" ("Short answer:" for T5, as zero-shot
+                      BLIP-2 VQA) and one answer per question, drawn from "answers" by annotator frequency
+                      (`vqa_fields`); the loss is on the answer only (`prefix_lm_text`)
+  instruct:           the instruction as the prompt, the response as the target (`prefix_lm_text`)
+Both prefix-LM tasks give the prompt to the Q-Former too (qformer_input_ids) when the model is an
+InstructBLIP; a BLIP-2 Q-Former has no text input (HF Blip2ForConditionalGeneration), so there
+the prompt reaches the LLM only, as LAVIS's BLIP-2 VQA does.
 """
 from __future__ import annotations
 
@@ -41,26 +46,50 @@ def _rows(tok, texts, add_special_tokens=True):
   return tok(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
 
 
-def instruct_text(tok, family: str, instructions, responses, max_len: int) -> dict:
-  """LLM side of an instruction batch (see the module docstring); right padded to max_len."""
+def prefix_lm_text(tok, family: str, prompts, targets, max_len: int, eos_token_id: int | None = None) -> dict:
+  """LLM side of a prompt -> target batch (VQA, instructions), right padded to max_len; loss on the target.
+
+  decoder-only (OPT, LLaMA): [prompt + " " + target, EOS] tokenised as ONE string (as at generation
+    time, where the answer continues the prompt: a BPE tokenizer then gives " red", not "red"), labels
+    from the prompt's own token count on (the prompt, incl. BOS, carries no loss). `eos_token_id` is
+    the token generation stops at (the model's text config: "\\n" for HF's BLIP-2 OPT), else the
+    tokenizer's EOS. A target that the truncation cuts off entirely carries no loss.
+  t5: the prompt to the encoder, the target (+ </s> from the tokenizer) as the decoder labels.
+  """
   pad = _pad_id(tok)
-  n = len(instructions)
+  n = len(prompts)
   ids = np.full((n, max_len), pad, np.int32)
   mask = np.zeros((n, max_len), np.int32)
+  labels = np.full((n, max_len), IGNORE, np.int32)
   if family == "t5":
-    labels = np.full((n, max_len), IGNORE, np.int32)
     dmask = np.zeros((n, max_len), np.int32)
-    for i, (a, b) in enumerate(zip(_rows(tok, instructions), _rows(tok, responses))):
+    for i, (a, b) in enumerate(zip(_rows(tok, prompts), _rows(tok, targets))):
       a, b = a[:max_len], b[:max_len]
       ids[i, :len(a)], mask[i, :len(a)] = a, 1
       labels[i, :len(b)], dmask[i, :len(b)] = b, 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_attention_mask": dmask}
-  labels = np.full((n, max_len), IGNORE, np.int32)
-  for i, (a, b) in enumerate(zip(_rows(tok, instructions), _rows(tok, responses, add_special_tokens=False))):
-    seq = (list(a) + list(b) + [tok.eos_token_id])[:max_len]
+  eos = tok.eos_token_id if eos_token_id is None else int(eos_token_id)
+  heads = _rows(tok, prompts)
+  fulls = _rows(tok, [f"{p.rstrip()} {t.strip()}" for p, t in zip(prompts, targets)])
+  for i, (a, full) in enumerate(zip(heads, fulls)):
+    if list(full[:len(a)]) != list(a):  # the tokenizer merged across the boundary: tokenise apart
+      full = list(a) + _rows(tok, [" " + str(targets[i]).strip()], add_special_tokens=False)[0]
+    seq = (list(full) + [eos])[:max_len]
     ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
     labels[i, len(a):len(seq)] = seq[len(a):]
   return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def instruct_text(tok, family: str, instructions, responses, max_len: int, eos_token_id: int | None = None) -> dict:
+  """LLM side of an instruction batch: `prefix_lm_text` with the instruction as the prompt."""
+  return prefix_lm_text(tok, family, instructions, responses, max_len, eos_token_id)
+
+
+def qformer_text(qtok, texts, width: int) -> dict:
+  """The InstructBLIP Q-Former's text input: BERT tokens, padded / truncated to `width`."""
+  q = qtok(list(texts), padding="max_length", truncation=True, max_length=width, return_tensors="np")
+  return {"qformer_input_ids": np.asarray(q["input_ids"], np.int32),
+          "qformer_attention_mask": np.asarray(q["attention_mask"], np.int32)}
 
 
 def make_batch_fn(config, setup):
@@ -76,23 +105,55 @@ def make_batch_fn(config, setup):
     return stage1
 
   ltok, qtok = setup.llm_tokenizer, setup.qformer_tokenizer
+  instruct_model = bool(setup.model.config.instruct)
+  if instruct_model and qtok is None:
+    raise ValueError("an InstructBLIP model needs the Q-Former tokenizer (config.tokenizer.qformer)")
+  eos = setup.model.config.text.eos_token_id
   if task in ("stage2", "caption"):
     def lm(b, rng):
       text = losses.build_stage2_batch(ltok, [str(t) for t in b["text"]], family, prompt=config.loss.prompt,
                                        max_len=width, prefix_ratio=config.loss.t5_prefix_ratio, rng=rng)
-      return dict(_fixed(text, width, _pad_id(ltok)), pixel_values=b["image"])
+      out = dict(_fixed(text, width, _pad_id(ltok)), pixel_values=b["image"])
+      if instruct_model:  # the prompt is the InstructBLIP instruction (as at captioning time)
+        out.update(qformer_text(qtok, [config.loss.prompt] * len(b["text"]), width))
+      return out
     return lm
 
-  if task == "instruct":
-    def instruct(b, rng):
-      instr = [str(t) for t in b["instruction"]]
-      out = instruct_text(ltok, family, instr, [str(t) for t in b["response"]], width)
-      q = qtok(instr, padding="max_length", truncation=True, max_length=width, return_tensors="np")
-      out.update(qformer_input_ids=q["input_ids"].astype(np.int32),
-                 qformer_attention_mask=q["attention_mask"].astype(np.int32), pixel_values=b["image"])
+  if task in ("vqa", "instruct"):
+    from blip2_jax import processing
+    template = str(config.loss.get("vqa_prompt", "") or "")
+
+    def prompt_of(q: str) -> str:
+      return template.format(q.strip()) if template else processing.vqa_prompt(q, family)
+
+    def prefix_lm(b, rng):
+      if task == "vqa":
+        prompts, targets = [prompt_of(str(q)) for q in b["question"]], [str(a) for a in b["answer"]]
+      else:
+        prompts, targets = [str(t) for t in b["instruction"]], [str(t) for t in b["response"]]
+      out = prefix_lm_text(ltok, family, prompts, targets, width, eos)
+      if instruct_model:
+        out.update(qformer_text(qtok, prompts, width))
+      out["pixel_values"] = b["image"]
       return out
-    return instruct
+    return prefix_lm
   raise ValueError(f"unknown task {task!r}")
+
+
+def vqa_fields(record: dict, rng) -> dict:
+  """Pipeline text_fn for VQA data: {"question", "answer"}, the answer drawn uniformly from the
+  "answers" list, i.e. each distinct answer with its annotator frequency (["red", "red", "crimson"]:
+  "red" 2/3 of the time); eval (rng None) takes the most frequent one."""
+  answers = record.get("answers")
+  if isinstance(answers, str):
+    answers = [answers]
+  if not answers:
+    raise ValueError(f"VQA record without answers: keys {sorted(record)}")
+  if rng is None:
+    a = max(set(answers), key=lambda x: (answers.count(x), -answers.index(x)))
+  else:
+    a = answers[int(rng.integers(len(answers)))]
+  return {"question": str(record["question"]), "answer": str(a)}
 
 
 def instruct_fields(record: dict, rng) -> dict:

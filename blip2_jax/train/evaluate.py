@@ -4,12 +4,16 @@ held-out set, built once per run (`make_eval_set`) and scored with the current p
 Eval data (`make_eval_set`):
   * data.source == "shapes": `ShapesSource(eval.num_records, split="test", seed=seed + 1)`, the
     held-out (colour, shape) combinations the train split never shows;
-  * otherwise data.eval_annotations (a LAVIS / COCO / JSONL caption file; a caption list keeps every
-    caption as a reference, records with one caption each are grouped by image) with images under
-    data.eval_images_dir (default data.images_dir; default: the file's directory), the first
-    eval.num_records images (0: all). Unreadable images are left out with a warning.
+  * otherwise data.eval_annotations (a LAVIS / COCO / JSONL file) with images under
+    data.eval_images_dir (default data.images_dir; default: the file's directory). Its records are of
+    one kind (`data.sources.TEXT_SCHEMAS`): captions (a caption list keeps every caption as a
+    reference, records with one caption each are grouped by image; the first eval.num_records images,
+    0: all), VQA {"question", "answers"} or instructions {"instruction", "response"} (one item per
+    record, the first eval.num_records, 0: all).
   * nothing configured -> None: the loop skips evaluation.
-Images get the eval transform (`processing.ImageProcessor(model.image_size)`) once, up front.
+Images get the eval transform (`processing.ImageProcessor(model.image_size)`) once, up front (unreadable
+ones are left out with a warning); a set larger than PRELOAD_BYTES keeps its paths instead and is
+decoded batch by batch at each evaluation (unreadable images then count as wrong answers).
 
 Metrics (`evaluate`), python floats; recall and exact match in percent, BLEU / CIDEr on the
 pycocoevalcap scale (fractions):
@@ -21,15 +25,21 @@ pycocoevalcap scale (fractions):
     item is ranked high enough: synthetic scenes repeat captions, and a scene ranked above an
     identical-caption twin is not an error. With one distinct caption per image this is exactly
     `evaluation.retrieval_recall` (LAVIS `report_metrics`).
-  stage2 / caption / instruct: greedy (eval.num_beams) captions of every eval image with
+  stage2 / caption / instruct on caption data: greedy (eval.num_beams) captions of every eval image with
     `inference.caption` (prompt loss.prompt; instruct: `batches.DEFAULT_INSTRUCTION`), scored
     eval/caption_exact (normalised as `pre_caption`, against any reference), eval/bleu4, eval/cider
     (`evaluation.evaluate_captions`); "eval/examples": [(first reference, prediction), ...].
+  VQA data: `inference.answer` (prompt loss.vqa_prompt, default "Question: {} Answer:" / "... Short
+    answer:" for T5; InstructBLIP: also to the Q-Former), eval.num_beams / eval.max_new_tokens and
+    LAVIS's other VQA settings, scored eval/vqa_acc (VQAv2 accuracy, percent, `evaluation.vqa_accuracy`).
+  instruction data: the instruction as the prompt (`inference.caption`), scored eval/exact_match
+    (percent of responses equal to the reference after `pre_caption` normalisation).
+TASK_METRICS names each fine-tuning task's headline metric (what the loop's best checkpoint tracks).
   eval/num_images, eval/time_s.
 
 Compiles: every call runs fixed shapes (images in batches of eval.batch_size, the last padded; the
-text width is data.max_txt_len; prompts are one string), so the jitted programs compile at the first
-evaluation and are reused by the later ones. Params may be sharded jax arrays and frozen towers
+text width is data.max_txt_len; prompts are padded to the longest of the set), so the jitted programs
+compile at the first evaluation and are reused by the later ones. Params may be sharded jax arrays and frozen towers
 bfloat16: the jitted functions take them as they are. Multi-process runs (jax.process_count() > 1)
 skip evaluation with a warning: the inference helpers read results back with np.asarray, which
 needs every output shard on this host.
@@ -40,7 +50,6 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
 
 import numpy as np
 
@@ -50,6 +59,9 @@ STAGE1_TASKS = ("stage1", "retrieval")
 
 # Defaults of config.eval (used for fields a config does not set).
 EVAL_DEFAULTS = dict(num_records=32, batch_size=16, max_new_tokens=20, num_beams=1, k=16, num_examples=4)
+# Headline metric of each fine-tuning task (higher is better), for best-checkpoint keeping.
+TASK_METRICS = {"caption": "eval/cider", "vqa": "eval/vqa_acc", "instruct": "eval/exact_match"}
+PRELOAD_BYTES = 1 << 30  # eval sets up to this size (float32 pixels) are decoded once, larger ones per use
 
 
 @dataclasses.dataclass
@@ -62,9 +74,17 @@ class EvalSet:
   input_ids: np.ndarray | None = None       # (T, max_txt_len) int32, Q-Former tokens of texts (stage 1)
   attention_mask: np.ndarray | None = None
   names: list[str] = dataclasses.field(default_factory=list)
+  kind: str = "caption"           # caption | vqa (references = answers) | instruction (references = [response])
+  prompts: list[str] | None = None  # vqa: the questions; instruction: the instructions
+  paths: list[str] | None = None  # a large set: image paths, decoded at each use (pixel_values is None)
 
   def __len__(self) -> int:
-    return int(self.pixel_values.shape[0])
+    return len(self.references)
+
+  @property
+  def images(self):
+    """What the inference helpers take: the preprocessed pixels, or the paths."""
+    return self.pixel_values if self.pixel_values is not None else self.paths
 
 
 def eval_options(config) -> dict:
@@ -81,21 +101,41 @@ def _normalise(text: str) -> str:
   return pre_caption(str(text), 10_000)
 
 
-def _records(config, limit: int) -> tuple[list[Any], list[list[str]], list[str]] | None:
-  """-> (images (uint8 arrays or paths), references, names), or None without eval data."""
+def _records(config, limit: int):
+  """-> (images (uint8 arrays or paths), references, names, kind, prompts), or None without eval data."""
   d = config.data
   if d.source == "shapes":
     from blip2_jax.data import synthetic
     src = synthetic.ShapesSource(max(1, limit or EVAL_DEFAULTS["num_records"]), split="test",
                                  seed=int(config.seed) + 1, size=max(64, int(config.model.image_size)))
     recs = [src[i] for i in range(len(src))]
-    return [r["image"] for r in recs], [[r["caption"]] for r in recs], [f"shapes/test/{i}" for i in range(len(src))]
+    return ([r["image"] for r in recs], [[r["caption"]] for r in recs], [f"shapes/test/{i}" for i in range(len(src))],
+            "caption", None)
   path = d.get("eval_annotations", "")
   if not path:
     return None
   from blip2_jax.data import sources
   raw = sources.read_annotations(path)
   root = d.get("eval_images_dir", "") or d.get("images_dir", "") or os.path.dirname(os.path.abspath(path))
+  kinds = {sources.schema_of(r) for r in raw}
+  if len(kinds) != 1 or None in kinds:
+    raise ValueError(f"{path}: eval records must all be of one kind (caption, vqa or instruction records), "
+                     f"found {sorted(str(k) for k in kinds)}; run data.validate_annotations for a report")
+  kind = kinds.pop()
+  if kind != "caption":
+    if config.task in STAGE1_TASKS:
+      raise ValueError(f"{path}: {config.task} evaluation needs caption records, not {kind} records")
+    recs = raw[:limit] if limit else raw
+    for n, r in enumerate(recs, 1):
+      if not isinstance(r.get("image"), str):
+        raise ValueError(f"{path}: record {n} needs an \"image\" path")
+    if kind == "vqa":
+      refs = [[str(a) for a in (r["answers"] if isinstance(r["answers"], list) else [r["answers"]])] for r in recs]
+      prompts = [str(r["question"]) for r in recs]
+    else:
+      refs, prompts = [[str(r["response"])] for r in recs], [str(r["instruction"]) for r in recs]
+    names = [r["image"] for r in recs]
+    return [os.path.join(root, n) for n in names], refs, names, kind, prompts
   by_image: dict[str, list[str]] = {}
   for n, r in enumerate(raw, 1):
     img, cap = r.get("image"), r.get("caption")
@@ -110,7 +150,7 @@ def _records(config, limit: int) -> tuple[list[Any], list[list[str]], list[str]]
   if not by_image:
     raise ValueError(f"{path}: no captioned images")
   names = list(by_image)
-  return [os.path.join(root, n) for n in names], [by_image[n] for n in names], names
+  return [os.path.join(root, n) for n in names], [by_image[n] for n in names], names, "caption", None
 
 
 def make_eval_set(config, setup) -> EvalSet | None:
@@ -121,8 +161,14 @@ def make_eval_set(config, setup) -> EvalSet | None:
   if got is None:
     log.info("no eval data (data.eval_annotations is empty): evaluation is skipped")
     return None
-  images, refs, names = got
-  proc = processing.ImageProcessor(int(config.model.image_size))
+  images, refs, names, kind, prompts = got
+  size = int(config.model.image_size)
+  if config.task not in STAGE1_TASKS and all(isinstance(im, str) for im in images) and \
+      len(images) * size * size * 3 * 4 > PRELOAD_BYTES:
+    log.info("eval: %d images, more than %d MiB as pixels: decoded at each evaluation", len(images),
+             PRELOAD_BYTES >> 20)
+    return EvalSet(None, refs, [], [], [], names=names, kind=kind, prompts=prompts, paths=list(images))
+  proc = processing.ImageProcessor(size)
   px, keep = [], []
   for i, im in enumerate(images):
     try:
@@ -133,6 +179,9 @@ def make_eval_set(config, setup) -> EvalSet | None:
   if not keep:
     raise ValueError("eval: none of the eval images could be read")
   refs, names = [refs[i] for i in keep], [names[i] for i in keep]
+  prompts = None if prompts is None else [prompts[i] for i in keep]
+  if kind != "caption":
+    return EvalSet(np.stack(px).astype(np.float32), refs, [], [], [], names=names, kind=kind, prompts=prompts)
 
   max_words = int(config.data.get("max_words", 50))
   from blip2_jax.data.transforms import pre_caption
@@ -204,16 +253,44 @@ def caption_prompt(config) -> str:
 
 def _captions(config, setup, params_tree, es: EvalSet, opts: dict) -> dict:
   from blip2_jax import evaluation, inference
-  preds = inference.caption(setup.model, params_tree["model"], setup.llm_tokenizer, es.pixel_values,
+  preds = inference.caption(setup.model, params_tree["model"], setup.llm_tokenizer, es.images,
                             prompt=caption_prompt(config), batch_size=int(opts["batch_size"]),
                             qformer_tokenizer=setup.qformer_tokenizer, num_beams=int(opts["num_beams"]),
-                            max_new_tokens=int(opts["max_new_tokens"]), min_new_tokens=0)
+                            max_new_tokens=int(opts["max_new_tokens"]), min_new_tokens=0, errors=[])
   preds = [p or "" for p in preds]
   exact = [_normalise(p) in {_normalise(r) for r in rs} for p, rs in zip(preds, es.references)]
   m = evaluation.evaluate_captions(preds, es.references)
   n = min(int(opts["num_examples"]), len(es))
   return {"eval/caption_exact": 100.0 * float(np.mean(exact)), "eval/bleu4": float(m["Bleu_4"]),
           "eval/cider": float(m["CIDEr"]), "eval/examples": [(es.references[i][0], preds[i]) for i in range(n)]}
+
+
+def _answers(config, setup, params_tree, es: EvalSet, opts: dict) -> dict:
+  """VQA accuracy of `inference.answer` on the questions (module docstring)."""
+  from blip2_jax import evaluation, inference
+  template = str(config.loss.get("vqa_prompt", "") or "") or None
+  preds = inference.answer(setup.model, params_tree["model"], setup.llm_tokenizer, es.images, es.prompts,
+                           batch_size=int(opts["batch_size"]), qformer_tokenizer=setup.qformer_tokenizer,
+                           prompt_template=template, num_beams=int(opts["num_beams"]),
+                           max_new_tokens=int(opts["max_new_tokens"]), errors=[])
+  preds = [p or "" for p in preds]
+  n = min(int(opts["num_examples"]), len(es))
+  return {"eval/vqa_acc": float(evaluation.vqa_accuracy(preds, es.references)),
+          "eval/examples": [(es.prompts[i], es.references[i][0], preds[i]) for i in range(n)]}
+
+
+def _responses(config, setup, params_tree, es: EvalSet, opts: dict) -> dict:
+  """Exact match of the generated responses to the instructions (module docstring)."""
+  from blip2_jax import inference
+  preds = inference.caption(setup.model, params_tree["model"], setup.llm_tokenizer, es.images, prompt=es.prompts,
+                            batch_size=int(opts["batch_size"]), qformer_tokenizer=setup.qformer_tokenizer,
+                            num_beams=int(opts["num_beams"]), max_new_tokens=int(opts["max_new_tokens"]),
+                            min_new_tokens=0, errors=[])
+  preds = [p or "" for p in preds]
+  exact = [_normalise(p) in {_normalise(r) for r in rs} for p, rs in zip(preds, es.references)]
+  n = min(int(opts["num_examples"]), len(es))
+  return {"eval/exact_match": 100.0 * float(np.mean(exact)),
+          "eval/examples": [(es.prompts[i], es.references[i][0], preds[i]) for i in range(n)]}
 
 
 def evaluate(config, setup, params_tree, eval_set: EvalSet | None) -> dict:
@@ -229,6 +306,10 @@ def evaluate(config, setup, params_tree, eval_set: EvalSet | None) -> dict:
   opts = eval_options(config)
   if config.task in STAGE1_TASKS:
     out = _retrieval(config, setup, params_tree, eval_set, opts)
+  elif eval_set.kind == "vqa":
+    out = _answers(config, setup, params_tree, eval_set, opts)
+  elif eval_set.kind == "instruction":
+    out = _responses(config, setup, params_tree, eval_set, opts)
   else:
     out = _captions(config, setup, params_tree, eval_set, opts)
   out["eval/num_images"] = float(len(eval_set))

@@ -11,12 +11,19 @@ workdir resumes from the latest one, with exactly the batches that would have co
 Metrics go to stdout, WORKDIR/metrics.jsonl and WORKDIR/tb; at the end the trained model is exported
 as a HF directory (WORKDIR/hf; stage-1 tasks add qformer_lm_head.safetensors) unless `export_hf` is
 off. A remote WORKDIR (gs://...) holds the checkpoints; logs and the export then go to ./runs/<name>.
+
+Evaluation (train/evaluate.py): every `eval_every` steps (fine-tuning: once per epoch), at the end,
+and before the first step with `eval_at_start`. With `best_metric` set (e.g. "eval/cider"), every
+evaluation after training steps that beats the best so far exports the model to WORKDIR/best (HF
+layout, written to a temporary directory and renamed, with best.json: step, metric, value, baseline);
+a resumed run reads best.json and keeps competing against it. WORKDIR/hf stays the final model.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -64,10 +71,12 @@ def make_loader(config, setup, source):
     kw["tokenizer"] = setup.qformer_tokenizer
   elif config.task == "instruct":
     kw["text_fn"] = batches.instruct_fields
+  elif config.task == "vqa":
+    kw["text_fn"] = batches.vqa_fields
   return pipeline.make_train_loader(
       source, global_batch_size=config.global_batch_size, image_size=config.model.image_size, seed=config.seed,
       max_txt_len=config.data.max_txt_len, max_words=config.data.max_words, worker_count=config.data.worker_count,
-      **kw)
+      augment=bool(config.data.get("augment", True)), **kw)
 
 
 def is_remote(path: str) -> bool:
@@ -84,12 +93,29 @@ def global_batch(batch: dict, sharding) -> dict:
 # checkpoints
 
 
+_MIN_SLICE_BYTES = 1 << 20
+_registered = []
+
+
+def _small_arrays_unsliced(ocp) -> None:
+  """Orbax's replica-parallel save slices every replicated array into one piece per replica, one
+  dispatched op each: for the hundreds of biases and norm scales of a model (and their Adam
+  moments) that costs seconds per save and buys nothing. Arrays whose per-replica piece is under
+  1 MiB are written whole by one replica instead; large ones stay replica-parallel."""
+  if _registered:
+    return
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=_MIN_SLICE_BYTES), override=True)
+  _registered.append(True)
+
+
 class Checkpoints:
   """Orbax CheckpointManager over {state, data}: atomic saves, the last `keep` kept."""
 
   def __init__(self, directory: str, keep: int):
     import orbax.checkpoint as ocp
     self._ocp = ocp
+    _small_arrays_unsliced(ocp)
     self.directory = directory if is_remote(directory) else os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True),
@@ -129,6 +155,68 @@ def total_steps(config, num_records: int) -> int:
   if steps < 1:
     raise ValueError(f"{num_records} records give no full batch of {config.global_batch_size}")
   return steps
+
+
+# Fine-tuning tasks that train/setup.py builds as another: the same model, tokenizers and LM loss;
+# only their batches (train/batches.py) and metrics (train/evaluate.py) differ. "instruct" builds as
+# "caption" so that a plain BLIP-2 checkpoint can take instructions too (in its LLM only; setup.build
+# insists on an InstructBLIP for "instruct", whose Q-Former reads them as well).
+SETUP_TASKS = {"vqa": "caption", "instruct": "caption"}
+
+
+def build_setup(config):
+  """setup.build(config) for every task, the fine-tuning ones included (SETUP_TASKS)."""
+  import ml_collections
+
+  from blip2_jax.train import setup as setup_lib
+  if config.task not in SETUP_TASKS:
+    return setup_lib.build(config)
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.task = SETUP_TASKS[config.task]
+  return setup_lib.build(c)
+
+
+def make_optimizer(config, setup, schedule):
+  """AdamW as config.optim says, with the ViT's layer-wise lr decay when optim.layer_decay < 1 and
+  per-module lr multipliers from optim.lr_scales ((regex, factor), ...)."""
+  from blip2_jax.train import optim
+  o = config.optim
+  return optim.make_optimizer(lr=schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                              clip_norm=o.clip_norm or None, layer_decay=float(o.get("layer_decay", 1.0)),
+                              vit_layers=setup.model.config.vision.num_hidden_layers,
+                              lr_scales=tuple(tuple(r) for r in o.get("lr_scales", ())))
+
+
+class _Best:
+  """The best `metric` seen so far and its export (WORKDIR/best); state in best.json, so a resumed run
+  keeps competing against the earlier best."""
+
+  def __init__(self, directory: str, metric: str):
+    self.directory, self.metric = directory, metric
+    self.value, self.step, self.baseline = None, None, None
+    info = os.path.join(directory, "best.json")
+    if metric and os.path.isfile(info):
+      with open(info) as f:
+        d = json.load(f)
+      if d.get("metric") == metric:
+        self.value, self.step, self.baseline = d.get("value"), d.get("step"), d.get("baseline")
+
+  def update(self, step: int, metrics: dict, save) -> bool:
+    """Exports with `save(path)` when metrics[metric] beats the best so far (ties keep the earlier)."""
+    v = metrics.get(self.metric)
+    if not self.metric or v is None or not np.isfinite(v) or (self.value is not None and v <= self.value):
+      return False
+    tmp = self.directory.rstrip("/") + ".tmp"
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp)
+    save(tmp)
+    with open(os.path.join(tmp, "best.json"), "w") as f:
+      json.dump(dict(metric=self.metric, value=float(v), step=int(step), baseline=self.baseline), f)
+    if os.path.isdir(self.directory):
+      shutil.rmtree(self.directory)
+    os.replace(tmp, self.directory)
+    self.value, self.step = float(v), int(step)
+    return True
 
 
 def make_loss_fn(config, setup):
@@ -181,13 +269,12 @@ def peak_flops(config) -> float | None:
 
 
 def step_flops(jitted, *args) -> float | None:
-  """FLOPs of one compiled train step from XLA's cost analysis of the lowered program: what runs,
-  so frozen towers count forward-only (no weight gradients are computed for them)."""
+  """Matmul FLOPs of one train step, counted on its jaxpr (`blip2_jax.flops`: scanned layers times
+  their count, which XLA's cost analysis misses): what runs, so frozen towers count forward-only."""
+  from blip2_jax import flops
   try:
-    cost = jitted.lower(*args).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)) or None
-  except Exception as e:  # cost analysis is best-effort; training goes on without MFU
+    return flops.count_flops(jitted, *args) or None
+  except Exception as e:  # best-effort; training goes on without MFU
     log.warning("no FLOP estimate: %s", e)
     return None
 
@@ -246,7 +333,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   `max_steps` stops early (after that many steps of this call) with a checkpoint, for tests.
   A non-finite loss stops the run (FloatingPointError naming the step and the last good
   checkpoint); the bad state is not saved."""
-  from blip2_jax.train import batches, optim, setup as setup_lib, step as step_lib
+  from blip2_jax.train import batches, optim, step as step_lib
 
   # Checkpoints go to `workdir` itself (orbax writes gs:// and other remote paths); the logs and the
   # HF export are local files, so for a remote workdir they go to ./runs/<its last component>.
@@ -258,14 +345,13 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   os.makedirs(local, exist_ok=True)
   t0 = time.time()
   mesh = shd.make_mesh(tuple(config.mesh))
-  st = setup_lib.build(config)
+  st = build_setup(config)
   source = make_source(config)
   steps = total_steps(config, len(source))
   o = config.optim
   schedule = optim.lr_schedule(o.lr, warmup_steps=o.warmup_steps, total_steps=steps, min_lr=o.min_lr,
                                warmup_init=o.warmup_init)
-  tx = optim.make_optimizer(lr=schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                            clip_norm=o.clip_norm or None)
+  tx = make_optimizer(config, st, schedule)
   frozen_dtype = None if config.model.frozen_dtype in ("", "float32") else config.model.frozen_dtype
   state = step_lib.init_train_state(st.params, list(config.frozen), tx, frozen_dtype=frozen_dtype,
                                     shardings=step_lib.param_shardings(st.model, st.params, mesh))
@@ -301,6 +387,11 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
     from blip2_jax.train import evaluate as eval_lib
     eval_set = eval_lib.make_eval_set(config, st)
 
+  best = _Best(os.path.join(local, "best"), str(config.get("best_metric", "") or ""))
+  if best.metric and eval_set is not None and jax.process_count() > 1:
+    logger.print("multi-process run: no evaluation inside training, so no best checkpoint (WORKDIR/hf is the "
+                 "final model)")
+
   def run_eval(step_no):
     if eval_set is None:
       return {}
@@ -310,12 +401,19 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
     logger.print(f"eval at step {step_no}: " + " ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
     for ex in res.get("eval/examples", [])[:4]:
       logger.print(f"  {ex}")
+    if step_no == 0:
+      best.baseline = scalars.get(best.metric)  # the starting model: reported, never exported as "best"
+    elif best.update(step_no, scalars, lambda path: export(st, state, path, quiet=True)):
+      scalars["best"] = 1.0
+      logger.print(f"new best {best.metric} {best.value:.4g} at step {step_no}: exported to {best.directory}")
     logger.metrics(step_no, scalars)
     return scalars
 
   rng = jax.random.PRNGKey(config.seed)  # step s uses fold_in(rng, s): a resumed run draws the same keys
   host_seed = np.random.SeedSequence([config.seed, jax.process_index()]).generate_state(2)
   last: dict = {}
+  if start == 0 and config.get("eval_at_start", False):
+    last.update(run_eval(0))
   skipped = 0
   stop = steps if max_steps is None else min(steps, start + max_steps)
   flops = peak = None
@@ -391,11 +489,15 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
     last.update(run_eval(stop))
     if config.export_hf:
       export(st, state, os.path.join(local, "hf"))
+    if best.value is not None:
+      base = "" if best.baseline is None else f" (before training: {best.baseline:.4g})"
+      _print(f"best {best.metric} {best.value:.4g}{base} at step {best.step}: {best.directory}")
+      last.update({"best/value": best.value, "best/step": best.step})
   _print(f"done: step {stop}/{steps} in {time.time() - t0:.1f}s")
   return last
 
 
-def export(st, state, path: str) -> None:
+def export(st, state, path: str, *, quiet: bool = False) -> None:
   """The trained parameters as a HF directory (+ qformer_lm_head.safetensors, tokenizers)."""
   import blip2_jax
   from blip2_jax.train import optim
@@ -408,7 +510,8 @@ def export(st, state, path: str) -> None:
     st.llm_tokenizer.save_pretrained(path)
   if st.qformer_tokenizer is not None:
     st.qformer_tokenizer.save_pretrained(path if st.llm_tokenizer is None else os.path.join(path, "qformer_tokenizer"))
-  _print(f"exported the trained model to {path}")
+  if not quiet:
+    _print(f"exported the trained model to {path}")
 
 
 def _print(msg: str) -> None:

@@ -102,11 +102,92 @@ def lr_schedule(peak: float, *, warmup_steps: int, total_steps: int, min_lr: flo
   return optax.join_schedules([warm, cosine], [warmup_steps])
 
 
+_VIT = "model/vision_model/"
+_VIT_LAYER = re.compile(r"^model/vision_model/encoder/layers(?:_(\d+))?/")
+
+
+def vit_layer_scales(decay: float, num_layers: int):
+  """Layer-wise lr decay for the ViT (BEiT / LAVIS `get_optimizer_params`) -> fn(path, leaf) -> scale:
+  block i (0-based) of L gets decay ** (L - i), the embeddings (patch, class, position) decay ** (L + 1),
+  anything else 1 (the Q-Former, the LLM projection, and `post_layernorm`, which is LAVIS's `ln_vision`
+  outside its visual encoder). A scanned stack (path ".../encoder/layers/...", leading axis = layer)
+  gets the per-layer scales as a (L, 1, ...) array along that axis, an unrolled one (".../layers_i/...")
+  a scalar each, so both layouts train identically.
+
+  LAVIS 1.0.2 computes these scales into its param groups (`lr_scale`) but its cosine scheduler
+  then overwrites every group's lr with the same value, so they never take effect there; here
+  they do (the BLIP-2 paper's VQA fine-tuning lists layer-wise decay 0.95)."""
+  decay, num_layers = float(decay), int(num_layers)
+
+  def scale(path: str, leaf):
+    if not path.startswith(_VIT):
+      return 1.0
+    m = _VIT_LAYER.match(path)
+    if m is None:
+      return decay ** (num_layers + 1) if path.startswith(_VIT + "embeddings/") else 1.0
+    if m.group(1) is not None:
+      return decay ** (num_layers - int(m.group(1)))
+    n = leaf.shape[0]
+    if n != num_layers:
+      raise ValueError(f"{path}: a scanned stack of {n} layers, but the ViT has {num_layers}")
+    s = decay ** (num_layers - jnp.arange(n, dtype=jnp.float32))
+    return s.reshape((n,) + (1,) * (leaf.ndim - 1))
+  return scale
+
+
+def scale_by_path(scale_fn) -> optax.GradientTransformation:
+  """Multiplies each update by `scale_fn("a/b/c" path, update)` (a scalar or a broadcastable array):
+  after AdamW this scales that leaf's learning rate (weight-decay term included), as a torch param
+  group's lr multiplier does. Stateless; the paths are the trainable tree's."""
+  def update(updates, state, params=None):
+    del params
+
+    def one(kp, u):
+      s = scale_fn(path_of(kp), u)
+      return u if isinstance(s, float) and s == 1.0 else (u * jnp.asarray(s, u.dtype)).astype(u.dtype)
+    return jax.tree_util.tree_map_with_path(one, updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def path_lr_scales(rules: Sequence[tuple[str, float]]):
+  """-> fn(path, leaf) -> the factor of the first (regex, factor) rule whose regex fullmatches the
+  "/"-joined path, else 1: per-module learning-rate multipliers (e.g. a ViT trained from scratch
+  next to a pretrained BERT)."""
+  compiled = []
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f"optim.lr_scales entries are (regex, factor) pairs, got {rule!r}")
+    compiled.append((re.compile(str(rule[0])), float(rule[1])))
+
+  def scale(path: str, leaf):
+    del leaf
+    return next((f for r, f in compiled if r.fullmatch(path)), 1.0)
+  return scale
+
+
 def make_optimizer(*, lr, b1: float = 0.9, b2: float = 0.98, weight_decay: float = 0.05,
-                   clip_norm: float | None = 1.0, eps: float = 1e-8) -> optax.GradientTransformation:
-  """Global-norm clipping then AdamW (decay masked by `decay_mask`), over the trainable tree."""
+                   clip_norm: float | None = 1.0, eps: float = 1e-8, layer_decay: float = 1.0,
+                   vit_layers: int | None = None,
+                   lr_scales: Sequence[tuple[str, float]] = ()) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW (decay masked by `decay_mask`), over the trainable tree;
+  `layer_decay` < 1 scales the ViT's learning rates layer by layer (`vit_layer_scales`, needs
+  `vit_layers`, the ViT's block count); `lr_scales` multiplies them per module (`path_lr_scales`)."""
   parts = []
   if clip_norm:
     parts.append(optax.clip_by_global_norm(clip_norm))
   parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+  fns = []
+  if layer_decay != 1.0:
+    if not vit_layers:
+      raise ValueError("layer_decay needs vit_layers (the number of ViT blocks)")
+    fns.append(vit_layer_scales(layer_decay, vit_layers))
+  if lr_scales:
+    fns.append(path_lr_scales(lr_scales))
+  if fns:
+    def combined(path, leaf):
+      out = 1.0
+      for f in fns:
+        out = out * f(path, leaf)
+      return out
+    parts.append(scale_by_path(combined))
   return optax.chain(*parts)

@@ -141,6 +141,18 @@ def test_train_batches_and_determinism(ann):
   assert sorted(e1.tolist()) == sorted(set(e1.tolist()))
 
 
+def test_augment_off_gives_the_eval_transform():
+  from blip2_jax import processing
+  from blip2_jax.data import synthetic
+  src = synthetic.ShapesSource(8, seed=3)
+  b = next(iter(pipeline.make_train_loader(src, global_batch_size=4, image_size=32, seed=0, augment=False,
+                                           shuffle=False)))
+  want = np.stack([processing.ImageProcessor(32).preprocess_one(src[i]["image"]) for i in range(4)])
+  np.testing.assert_array_equal(b["image"], want)
+  aug = next(iter(pipeline.make_train_loader(src, global_batch_size=4, image_size=32, seed=0, shuffle=False)))
+  assert not np.allclose(aug["image"], want)  # the default is BLIP-2's random crop + flip
+
+
 def test_shards_are_disjoint(ann):
   path, root, _ = ann
   src = data.AnnotationSource.from_file(path, root)

@@ -161,6 +161,21 @@ def test_make_optimizer_decays_only_masked_leaves():
   assert float(optax.tree.norm(clip.update(g, st, g)[0])) == pytest.approx(2.0, rel=1e-3)
 
 
+def test_lr_scales_multiply_matching_modules():
+  """One Adam step on unit gradients moves each weight by lr; lr_scales rules (first match wins)
+  multiply it, and combine with nothing else when layer_decay is 1."""
+  tx = optim.make_optimizer(lr=0.1, b1=0.0, b2=0.0, weight_decay=0.0, clip_norm=None,
+                            lr_scales=(("model/vision_model/.*", 3.0), ("model/.*", 0.5)))
+  params = {"model": {"vision_model": {"w": jnp.ones((2,))}, "qformer": {"w": jnp.ones((2,))}}, "temp": jnp.ones(())}
+  g = jax.tree.map(jnp.ones_like, params)
+  upd, _ = tx.update(g, tx.init(params), params)
+  np.testing.assert_allclose(upd["model"]["vision_model"]["w"], -0.3, rtol=1e-5)
+  np.testing.assert_allclose(upd["model"]["qformer"]["w"], -0.05, rtol=1e-5)
+  np.testing.assert_allclose(upd["temp"], -0.1, rtol=1e-5)
+  with pytest.raises(ValueError, match="regex, factor"):
+    optim.make_optimizer(lr=0.1, lr_scales=(("model/.*",),))
+
+
 # ----------------------------------------------------------------------------------------
 # the step
 

@@ -1,0 +1,351 @@
+r"""Fine-tune a BLIP-2 / InstructBLIP checkpoint on your own images: captions, VQA or instructions.
+
+    python -m blip2_jax.finetune --model blip2-opt-2.7b --task caption --train train.jsonl --val val.jsonl \
+        --images-dir images/ --workdir runs/caps [--set optim.lr=2e-5 --set global_batch_size=64 ...]
+
+Data: JSONL, one record a line, image paths relative to --images-dir:
+  caption   {"image": "rel/path.jpg", "caption": "a dog on a sofa"}       (a list of captions also works)
+  vqa       {"image": "rel/path.jpg", "question": "what color is the sofa?", "answers": ["red", "red", "maroon"]}
+  instruct  {"image": "rel/path.jpg", "instruction": "Describe the dog.", "response": "a small brown dog"}
+Both files are checked before anything is loaded or compiled (missing image files, empty text, unknown
+keys, records of the wrong kind); a bad file stops the run with a report naming every bad line (exit 2).
+Optional keys: image_id, question_id, id, instance_id, dataset.
+
+Start: --model is a HF directory (`save_pretrained` of blip2_jax or of transformers
+Blip2ForConditionalGeneration / InstructBlipForConditionalGeneration) holding the LLM tokenizer
+(InstructBLIP: the Q-Former's BERT tokenizer in DIR/qformer_tokenizer, as InstructBlipProcessor saves it).
+
+Recipes (every field overridable with --set; --print-config shows the result):
+  caption   configs/caption_ft.py (LAVIS caption_coco_ft): lr 1e-5, 5 epochs, batch 256, 364 px, ViT and
+            Q-Former trained, LLM frozen, prompt "a photo of"; metric CIDEr (5 beams, <= 30 new tokens).
+  vqa       configs/vqa_ft.py (BLIP-2 paper, VQAv2): lr 1e-5, 5 epochs, batch 128, 490 px, ViT layer-wise
+            lr decay 0.95, LLM frozen; prefix LM "Question: {} Answer:" ("Question: {} Short answer:" for
+            FlanT5) with the loss on the answer, one answer per question drawn by annotator frequency;
+            metric VQAv2 accuracy (5 beams, <= 10 new tokens).
+  instruct  configs/instruct.py (InstructBLIP): lr 1e-5, 5 epochs, batch 192 (FlanT5) / 128, the
+            checkpoint's image size, ViT and LLM frozen (Q-Former and projection train), text up to 128
+            tokens; loss on the response; metric exact match (5 beams, <= 64 new tokens).
+  Warmup is the recipe's 1000 steps, at most a tenth of the run. Images above the checkpoint's size
+  interpolate its position embeddings (bicubic, as LAVIS).
+
+Question / instruction in the Q-Former: an InstructBLIP checkpoint reads the prompt ("Question: ...
+Answer:" or the instruction) in its Q-Former as well as in the LLM (InstructBLIP; the BLIP-2 paper's
+VQA fine-tuning). A BLIP-2 checkpoint's Q-Former has no text input (HF Blip2ForConditionalGeneration),
+so there the prompt reaches the LLM only, as in LAVIS's BLIP-2 VQA; --task instruct on a BLIP-2
+checkpoint is allowed and trains the same way. Retrieval / stage-1 checkpoints (no LLM) are refused.
+
+Evaluation on --val before training and at the end of every epoch; each one that beats the best so far
+is exported to WORKDIR/best (HF layout + tokenizers + best.json, loadable by transformers and
+blip2_jax); WORKDIR/hf is the model after the last epoch; WORKDIR/checkpoints holds the latest
+train states (rerun the same command to resume after a crash or preemption); metrics go to
+WORKDIR/metrics.jsonl and WORKDIR/tb.
+
+Hardware: the same command runs on one CPU, one GPU, or every host of a TPU pod / GPU cluster (add
+--distributed, or let SLURM / TPU environment variables start it); the mesh is `--set mesh=D,F,T`
+(data, fsdp, tensor; one -1 takes the remaining devices; default -1,1,1 = data parallel). Multi-process
+runs skip the in-training evaluation (so WORKDIR/best is not written): evaluate WORKDIR/hf with
+`python -m blip2_jax.evaluate` afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+
+TASKS = ("caption", "vqa", "instruct")
+# record kinds (data.sources.TEXT_SCHEMAS) each task trains / evaluates on
+TRAIN_KINDS = {"caption": ("caption",), "vqa": ("vqa",), "instruct": ("instruction", "caption")}
+VAL_KINDS = {"caption": ("caption",), "vqa": ("vqa",), "instruct": ("instruction",)}
+EVAL = {"caption": dict(num_beams=5, max_new_tokens=30), "vqa": dict(num_beams=5, max_new_tokens=10),
+        "instruct": dict(num_beams=5, max_new_tokens=64)}
+
+
+class UsageError(ValueError):
+  """A problem with the command line, the checkpoint or the data: reported without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoint
+
+
+def inspect_checkpoint(path: str) -> dict:
+  """{architecture, family, instruct, image_size, qformer_tokenizer} of a HF BLIP-2 directory, from its
+  config.json alone (nothing is loaded)."""
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise UsageError(f"--model {path}: no config.json (expected a save_pretrained directory of a BLIP-2 / "
+                     "InstructBLIP model)")
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  mt = cfg.get("model_type")
+  if mt not in ("blip-2", "instructblip"):
+    raise UsageError(f"--model {path}: model_type {mt!r}, expected a BLIP-2 ('blip-2') or InstructBLIP "
+                     "('instructblip') checkpoint")
+  archs = cfg.get("architectures") or []
+  if not cfg.get("text_config") or any(a in ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection",
+                                             "Blip2TextModelWithProjection") for a in archs):
+    raise UsageError(f"--model {path}: {', '.join(archs) or mt} has no language model; fine-tuning for captions, "
+                     "VQA or instructions needs Blip2ForConditionalGeneration or InstructBlipForConditionalGeneration")
+  from blip2_jax import processing
+  family = processing.family_of(cfg)
+  instruct = mt == "instructblip"
+  qtok = os.path.join(path, "qformer_tokenizer")
+  if instruct and not os.path.isdir(qtok):
+    raise UsageError(f"--model {path}: an InstructBLIP checkpoint needs its Q-Former (BERT) tokenizer in {qtok} "
+                     "(InstructBlipProcessor.save_pretrained writes it there)")
+  image_size = int((cfg.get("vision_config") or {}).get("image_size", 224))
+  return dict(architecture="InstructBlipForConditionalGeneration" if instruct else "Blip2ForConditionalGeneration",
+              family=family, instruct=instruct, image_size=image_size, qformer_tokenizer=qtok if instruct else "")
+
+
+# ----------------------------------------------------------------------------------------
+# data
+
+
+def check_data(path: str, images_dir: str, kinds, what: str) -> int:
+  """Validates an annotation file up front; raises UsageError with the report; returns its record count."""
+  from blip2_jax.data import sources
+  if not os.path.isfile(path):
+    raise UsageError(f"{what} {path}: file not found")
+  if not os.path.isdir(images_dir):
+    raise UsageError(f"images directory {images_dir} (for {what} {path}) not found")
+  problems = sources.validate_annotations(path, images_dir, kinds=kinds)
+  if problems:
+    raise UsageError(sources.format_problems(problems, path) + f"\n(images are looked up under {images_dir})")
+  n = len(sources.read_annotations(path))
+  if n == 0:
+    raise UsageError(f"{what} {path}: no records")
+  return n
+
+
+# ----------------------------------------------------------------------------------------
+# config
+
+
+def _configs_module(name: str):
+  """configs/<name>.py from the repository (configs/ sits beside the blip2_jax package)."""
+  import importlib
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if root not in sys.path and os.path.isdir(os.path.join(root, "configs")):
+    sys.path.insert(0, root)
+  try:
+    return importlib.import_module(f"configs.{name}")
+  except ImportError as e:
+    raise UsageError(f"cannot import the recipe configs/{name}.py ({e}); run from a blip2-jax checkout "
+                     "(pip install -e .)") from e
+
+
+def recipe(task: str, ckpt: dict):
+  """The task's recipe (configs/), before the paths and the dataset-dependent fields are filled in."""
+  import ml_collections
+  fam = ckpt["family"]
+  if task == "caption":
+    c = _configs_module("caption_ft").get_config("llm=" + {"t5": "flant5xl", "llama": "vicuna7b"}.get(fam, "opt2.7b"))
+  elif task == "vqa":
+    c = _configs_module("vqa_ft").get_config("llm=" + {"t5": "flant5xl", "llama": "vicuna7b"}.get(fam, "opt2.7b"))
+  else:
+    c = _configs_module("instruct").get_config("llm=" + ("flant5xl" if fam == "t5" else "vicuna7b"))
+    c.model.image_size = ckpt["image_size"]  # InstructBLIP fine-tunes at its pre-training resolution
+    c.total_steps, c.num_epochs = 0, 5
+  c.model.family = fam
+  c.model.architecture = ckpt["architecture"]
+  c.model.init = "pretrained"
+  c.eval.update(EVAL[task])
+  # fields some recipes lack: added here so that --set can reach them
+  if "layer_decay" not in c.optim:
+    c.optim.layer_decay = 1.0
+  if "vqa_prompt" not in c.loss:
+    c.loss.vqa_prompt = ""
+  from blip2_jax.train import evaluate as eval_lib
+  c.best_metric = eval_lib.TASK_METRICS[task]
+  c.eval_at_start = True
+  return ml_collections.ConfigDict(c)
+
+
+def _parse_value(key: str, text: str, current, field_type):
+  def fail(what):
+    raise UsageError(f"--set {key}={text}: {what}")
+  if isinstance(current, bool) or field_type is bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+      fail("expected true or false")
+    return text.lower() in ("true", "1", "yes")
+  if isinstance(current, (tuple, list)):
+    if text.strip().startswith("["):
+      try:
+        items = json.loads(text)
+      except json.JSONDecodeError as e:
+        fail(f"not a JSON list ({e})")
+    else:
+      items = [t.strip() for t in text.split(",") if t.strip()]
+    if current and all(isinstance(x, int) for x in current):
+      try:
+        items = [int(x) for x in items]
+      except ValueError:
+        fail("expected comma-separated integers")
+    return tuple(items) if isinstance(current, tuple) else list(items)
+  if isinstance(current, int) or field_type is int:
+    try:
+      return int(text)
+    except ValueError:
+      try:
+        f = float(text)  # 1e4
+      except ValueError:
+        fail("expected an integer")
+      if f != int(f):
+        fail("expected an integer")
+      return int(f)
+  if isinstance(current, float) or field_type is float:
+    try:
+      return float(text)
+    except ValueError:
+      fail("expected a number")
+  if current is None and text.lower() in ("none", "null", ""):
+    return None
+  return text
+
+
+def apply_overrides(config, items) -> set[str]:
+  """`key=value` strings (dotted keys into the config) -> config updated in place; returns the keys set.
+  Unknown keys and ill-typed values raise UsageError naming them (with the closest known key)."""
+  import ml_collections
+  done = set()
+  for item in items:
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+      raise UsageError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=3e-5")
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+      here = ".".join(parts[:i + 1])
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        siblings = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        prefix = ".".join(parts[:i])
+        full = [f"{prefix}.{s}" if prefix else s for s in siblings]
+        close = difflib.get_close_matches(here, full, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"--set {key}: unknown config key {here!r}{hint}; known here: {', '.join(full)}")
+      if i < len(parts) - 1:
+        node = node[part]
+    last = parts[-1]
+    current = node[last]
+    if isinstance(current, ml_collections.ConfigDict):
+      raise UsageError(f"--set {key}: {key!r} is a group; set one of its fields: "
+                       f"{', '.join(key + '.' + k for k in sorted(current.keys()))}")
+    field_type = None
+    if current is None:
+      try:
+        field_type = node.get_ref(last).get_type()
+      except Exception:  # not a typed placeholder
+        field_type = None
+    node[last] = _parse_value(key, text, current, field_type)
+    done.add(key)
+  return done
+
+
+def build_config(args, ckpt: dict):
+  """The full training config: recipe + paths + per-epoch evaluation + --set overrides."""
+  c = recipe(args.task, ckpt)
+  c.model.pretrained = args.model
+  c.tokenizer.llm = args.model
+  c.tokenizer.qformer = ckpt["qformer_tokenizer"]
+  c.data.source = "annotations"
+  c.data.annotations = os.path.abspath(args.train)
+  c.data.images_dir = os.path.abspath(args.images_dir)
+  c.data.eval_annotations = os.path.abspath(args.val) if args.val else ""
+  c.data.eval_images_dir = os.path.abspath(args.val_images_dir or args.images_dir) if args.val else ""
+  c.eval.num_records = 0  # all of --val
+  warmup = int(c.optim.warmup_steps)
+  over = apply_overrides(c, args.set or [])
+  from blip2_jax.data import sources
+  records = len(sources.AnnotationSource.from_file(args.train, args.images_dir))  # caption lists expand
+  per_epoch = records // int(c.global_batch_size)
+  if per_epoch < 1:
+    raise UsageError(f"--train has {records} training examples: no full batch of global_batch_size "
+                     f"{c.global_batch_size}; lower it, e.g. --set global_batch_size={max(1, records // 4)}")
+  steps = int(c.total_steps) or int(c.num_epochs) * per_epoch
+  if "optim.warmup_steps" not in over:
+    c.optim.warmup_steps = min(warmup, max(steps // 10, 0))
+  if "eval_every" not in over:
+    c.eval_every = per_epoch if args.val else -1
+  if "checkpoint_every" not in over:
+    c.checkpoint_every = per_epoch  # the latest train state after every epoch (and on preemption)
+  if "log_every" not in over:
+    c.log_every = max(1, min(int(c.log_every), per_epoch))
+  if not args.val:
+    c.best_metric, c.eval_at_start = "", False
+  return c, per_epoch, steps
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+
+
+def _auto_distributed() -> bool:
+  env = os.environ
+  return any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")) and \
+      int(env.get("SLURM_NTASKS", "2")) > 1
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m blip2_jax.finetune", description=__doc__.split("\n\n")[0],
+                              epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", required=True, help="HF directory of a BLIP-2 / InstructBLIP model (save_pretrained)")
+  p.add_argument("--task", required=True, choices=TASKS)
+  p.add_argument("--train", required=True, help="training annotations (JSONL, format below)")
+  p.add_argument("--val", default="", help="validation annotations (JSONL), evaluated every epoch; "
+                 "without it there is no evaluation and no WORKDIR/best")
+  p.add_argument("--images-dir", default=None, help="image paths are relative to this (default: --train's directory)")
+  p.add_argument("--val-images-dir", default=None, help="for --val (default: --images-dir)")
+  p.add_argument("--workdir", required=True, help="checkpoints, metrics, WORKDIR/best and WORKDIR/hf (rerun to resume)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config field (repeatable): optim.lr=3e-5, global_batch_size=32, num_epochs=3, "
+                      "model.image_size=224, mesh=1,8,1, frozen=model/language_model/.*, eval.num_beams=1, "
+                      "model.dtype=float32, ... (see --print-config)")
+  p.add_argument("--print-config", action="store_true", help="check the data, print the resolved config and exit")
+  p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps of this run (checkpointed)")
+  p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+  p.add_argument("--coordinator", default=None, help="host:port of process 0 (with --distributed)")
+  p.add_argument("--num-processes", type=int, default=None)
+  p.add_argument("--process-id", type=int, default=None)
+  return p
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  try:
+    ckpt = inspect_checkpoint(args.model)
+    if args.images_dir is None:
+      args.images_dir = os.path.dirname(os.path.abspath(args.train))
+    n_train = check_data(args.train, args.images_dir, TRAIN_KINDS[args.task], "--train")
+    if args.val:
+      check_data(args.val, args.val_images_dir or args.images_dir, VAL_KINDS[args.task], "--val")
+    config, per_epoch, steps = build_config(args, ckpt)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.print_config:
+    print(config)
+    return 0
+  if args.task != "caption":
+    where = "the Q-Former and the LLM" if ckpt["instruct"] else "the LLM only (a BLIP-2 Q-Former has no text input)"
+    print(f"{ckpt['architecture']}: the {'question' if args.task == 'vqa' else 'instruction'} goes to {where}")
+  print(f"{args.task}: {n_train} records, {per_epoch} steps per epoch of {config.global_batch_size}, {steps} steps")
+
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
+  import jax
+  if args.distributed or _auto_distributed():
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kw = {k: v for k, v in dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                 process_id=args.process_id).items() if v is not None}
+    jax.distributed.initialize(**kw)
+  from blip2_jax.train import loop
+  loop.train(config, args.workdir, max_steps=args.max_steps)  # prints where the best and the final model went
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
