@@ -6,10 +6,11 @@
      is a small random one: no ViT weights ship on PyPI, so stage 1 trains it too;
   2. stage 1 (ITC + ITM + ITG) and stage 2 (LM loss through the frozen LLM) on generated scenes
      (data/synthetic.py) whose captions name count, colour, shape and position;
-  3. before and after each stage, on the 48 held-out scenes -- one per caption that combines a
-     colour and a shape never seen together in training -- it prints retrieval R@1 (chance 1/48),
-     caption exact match and per-attribute accuracy, then captions a few real photos from
-     scikit-image with the LLM writing the words.
+  3. before and after each stage it prints retrieval R@1 (chance 1/48), caption exact match and
+     per-attribute accuracy on two sets of 48 new scenes with distinct captions: "seen pairs"
+     (colour-shape pairs training shows, new images) and "held-out pairs" (every caption whose
+     colour and shape training never shows together: composition, not memorisation); then it
+     captions a few real photos from scikit-image with the LLM writing the words.
 Stages run through `blip2_jax.train.loop.train` (the recipe is configs/demo.py) and export HF
 directories (workdir/stage{1,2}/hf) that `python -m blip2_jax.caption` and transformers load.
 A re-run resumes each stage from its checkpoints (--fresh starts over).
@@ -108,19 +109,27 @@ def vision_dir(path: str, vision: dict, seed: int = 0) -> str:
 # held-out evaluation
 
 
-def heldout_scenes(image_size: int, seed: int = 1):
-  """One scene per held-out caption (4 colour-shape pairs x 3 counts x 4 positions = 48):
-  -> (uint8 images (48, S, S, 3), captions, attributes)."""
+SPLITS = ("seen pairs", "held-out pairs")
+
+
+def eval_scenes(image_size: int, split: str = "held-out pairs", seed: int = 1, n: int = 48):
+  """-> (uint8 images (n, S, S, 3), captions, attributes): one new scene per caption, all distinct.
+  "held-out pairs": every caption of the colour-shape pairs training never shows (4 pairs x 3
+  counts x 4 positions = 48); "seen pairs": n of the 168 captions training uses, on images it never saw."""
   from blip2_jax.data import synthetic as syn
-  images, caps, attrs = [], [], []
-  for color, shape in syn.HELD_OUT:
-    for count in syn.COUNTS:
-      for pos in syn.POSITIONS:
-        a = dict(count=count, color=color, shape=shape, position=pos)
-        images.append(syn.render(**a, size=image_size, rng=np.random.default_rng([seed, len(images)])))
-        caps.append(syn.caption_of(**a))
-        attrs.append(a)
-  return np.stack(images), caps, attrs
+  if split == "held-out pairs":
+    pairs = list(syn.HELD_OUT)
+  elif split == "seen pairs":
+    pairs = syn._combos("train")
+  else:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  combos = [dict(count=count, color=color, shape=shape, position=pos)
+            for color, shape in pairs for count in syn.COUNTS for pos in syn.POSITIONS]
+  if len(combos) > n:
+    combos = [combos[i] for i in sorted(np.random.default_rng(seed).choice(len(combos), n, replace=False))]
+  salt = SPLITS.index(split) + 10  # image seeds apart from the training scenes' (data/synthetic.py)
+  images = [syn.render(**a, size=image_size, rng=np.random.default_rng([seed, salt, i])) for i, a in enumerate(combos)]
+  return np.stack(images), [syn.caption_of(**a) for a in combos], combos
 
 
 def attribute_accuracy(preds: list[str], attrs: list[dict]) -> dict[str, float]:
@@ -157,20 +166,23 @@ def eval_stage1(model, params, head, qtok, px, caps, attrs, max_txt_len: int) ->
           "caption exact": exact_match(preds, caps), **attribute_accuracy(preds, attrs), "_preds": preds}
 
 
-def eval_stage2(model, params, ltok, px, caps, attrs) -> dict:
+def eval_stage2(model, params, ltok, px, caps, attrs, prompt: str = "") -> dict:
   from blip2_jax import inference
-  preds = inference.caption(model, params, ltok, px, prompt="", batch_size=16, num_beams=1, max_new_tokens=10,
+  preds = inference.caption(model, params, ltok, px, prompt=prompt, batch_size=16, num_beams=1, max_new_tokens=10,
                             min_new_tokens=0)
   return {"caption exact": exact_match(preds, caps), **attribute_accuracy(preds, attrs), "_preds": preds}
 
 
 def _table(title: str, before: dict, after: dict, chance: dict) -> str:
-  rows = [k for k in after if not k.startswith("_")]
+  """before / after: {split: metrics}; one before / after column pair per split."""
+  rows = [k for k in after[SPLITS[0]] if not k.startswith("_")]
   w = max(len(k) for k in rows) + 2
-  lines = [title, f"  {'(held-out, %)':<{w}}{'before':>8}{'after':>8}{'chance':>8}"]
+  lines = [title, f"  {'':<{w}}" + "".join(f"{sp:>20}" for sp in SPLITS),
+           f"  {'(%, new scenes)':<{w}}" + f"{'before':>10}{'after':>10}" * len(SPLITS) + f"{'chance':>8}"]
   for k in rows:
+    cells = "".join(f"{before[sp][k]:10.1f}{after[sp][k]:10.1f}" for sp in SPLITS)
     c = chance.get(k)
-    lines.append(f"  {k:<{w}}{before[k]:8.1f}{after[k]:8.1f}{'' if c is None else f'{c:8.1f}'}")
+    lines.append(f"  {k:<{w}}{cells}{'' if c is None else f'{c:8.1f}'}")
   return "\n".join(lines)
 
 
@@ -233,48 +245,59 @@ def run(args) -> dict:
   _say("towers: Q-Former <- " + towers["bert"] + "\n        LLM <- " + towers["llm"] +
        "\n        ViT <- random (no ViT weights ship on PyPI) " + towers["vision"])
   size = recipe.VISION["image_size"]
-  images, caps, attrs = heldout_scenes(size)
-  px = np.asarray(processing.ImageProcessor(size)(list(images)), np.float32)
-  chance = _chance(attrs)
-  results: dict = {"heldout_captions": caps}
+  proc = processing.ImageProcessor(size)
+  sets = {}
+  for split in SPLITS:
+    images, caps, attrs = eval_scenes(size, split)
+    sets[split] = (np.asarray(proc(list(images)), np.float32), caps, attrs)
+  chance = _chance(sets[SPLITS[1]][2])
+  held = sets["held-out pairs"]
+  results: dict = {"eval_captions": {sp: v[1] for sp, v in sets.items()}}
+
+  def each(fn, *a):
+    return {sp: fn(*a, px, caps, attrs) for sp, (px, caps, attrs) in sets.items()}
 
   # ---- stage 1
   c1 = _config(1, args, towers)
   st = setup_lib.build(c1)
-  _say(f"stage 1 before training: evaluating {len(caps)} held-out scenes")
-  before1 = eval_stage1(st.model, st.params["model"], st.params["qformer_lm_head"], st.qformer_tokenizer, px, caps,
-                        attrs, c1.data.max_txt_len)
+  n = len(held[1])
+  _say(f"stage 1 before training: evaluating {n} new scenes of seen colour-shape pairs and {n} of held-out pairs")
+  before1 = each(lambda *a: eval_stage1(*a, c1.data.max_txt_len), st.model, st.params["model"],
+                 st.params["qformer_lm_head"], st.qformer_tokenizer)
   del st
   _say(f"stage 1: {c1.total_steps} steps of {c1.global_batch_size} scenes (ITC + ITM + ITG; ViT + Q-Former trained)")
   loop.train(c1, os.path.join(args.workdir, "stage1"))
   s1 = os.path.join(args.workdir, "stage1", "hf")
   m1, p1 = hf.from_pretrained(s1)
   head, _ = hf.load_qformer_head(s1, m1)
-  after1 = eval_stage1(m1, p1, head, setup_lib.load_tokenizer(s1, "qformer"), px, caps, attrs, c1.data.max_txt_len)
+  after1 = each(lambda *a: eval_stage1(*a, c1.data.max_txt_len), m1, p1, head, setup_lib.load_tokenizer(s1, "qformer"))
   del m1, p1, head
   print(_table("stage 1: retrieval and the Q-Former's own captions (ITG head)", before1, after1, chance))
-  print("  Q-Former captions of held-out scenes after stage 1:\n" + _examples(caps, after1["_preds"]), flush=True)
+  print("  Q-Former captions of held-out-pair scenes after stage 1:\n" +
+        _examples(held[1], after1["held-out pairs"]["_preds"]), flush=True)
 
   # ---- stage 2
   c2 = _config(2, args, towers)
   st = setup_lib.build(c2)
-  _say(f"stage 2 before training: captioning {len(caps)} held-out scenes with SmolLM2")
-  before2 = eval_stage2(st.model, st.params["model"], st.llm_tokenizer, px, caps, attrs)
+  _say(f"stage 2 before training: captioning the {2 * n} scenes with SmolLM2")
+  stage2 = lambda *a: eval_stage2(*a, prompt=c2.loss.prompt)
+  before2 = each(stage2, st.model, st.params["model"], st.llm_tokenizer)
   ltok = st.llm_tokenizer
   del st
   _say(f"stage 2: {c2.total_steps} steps of {c2.global_batch_size} scenes (LM loss through the frozen LLM)")
   loop.train(c2, os.path.join(args.workdir, "stage2"))
   s2 = os.path.join(args.workdir, "stage2", "hf")
   m2, p2 = hf.from_pretrained(s2)
-  after2 = eval_stage2(m2, p2, ltok, px, caps, attrs)
+  after2 = each(stage2, m2, p2, ltok)
   print(_table("stage 2: captions written by the frozen SmolLM2-135M", before2, after2, chance))
-  print("  before training:\n" + _examples(caps, before2["_preds"], 3))
-  print("  after training:\n" + _examples(caps, after2["_preds"]), flush=True)
+  print("  before training (held-out pairs):\n" + _examples(held[1], before2["held-out pairs"]["_preds"], 3))
+  for sp, (_, caps, _) in sets.items():
+    print(f"  after training ({sp}):\n" + _examples(caps, after2[sp]["_preds"], 4), flush=True)
 
   from blip2_jax import inference
   shots = photos()
   # batch 16 as above: the photos reuse the compiled program (the last batch is padded)
-  preds = inference.caption(m2, p2, ltok, [im for _, im in shots], prompt="", batch_size=16, num_beams=1,
+  preds = inference.caption(m2, p2, ltok, [im for _, im in shots], prompt=c2.loss.prompt, batch_size=16, num_beams=1,
                             max_new_tokens=10, min_new_tokens=0)
   print("  real photos (scikit-image; the model has only ever seen coloured shapes):")
   for (name, _), p in zip(shots, preds):
@@ -285,7 +308,7 @@ def run(args) -> dict:
   with open(os.path.join(args.workdir, "summary.json"), "w") as f:
     json.dump(results, f, indent=1)
   _say(f"done in {(time.time() - t0) / 60:.1f} min; numbers in {args.workdir}/summary.json; the trained model "
-       f"is {s2} (python -m blip2_jax.caption --model {s2} --prompt '' IMAGE)")
+       f"is {s2} (python -m blip2_jax.caption --model {s2} --prompt '{c2.loss.prompt}' IMAGE)")
   return results
 
 

@@ -10,11 +10,15 @@ A CPU-sized BLIP-2 on generated scenes (data/synthetic.py, held-out colour-shape
     ships on PyPI -- so stage 1 trains it with the Q-Former (BLIP-2 proper freezes a pretrained one);
   * Q-Former: all-MiniLM-L6-v2 (6 layers, width 384) with 8 queries (the paper's 32 are for 257
     ViT-g tokens; 64 patches of a flat scene need fewer), cross-attention every 2nd layer;
-  * stage 2: ViT frozen, SmolLM2-135M-Instruct frozen (LLaMA), Q-Former + projection trained, no prompt.
+  * stage 2: ViT frozen, SmolLM2-135M-Instruct frozen (LLaMA), Q-Former + projection trained, with
+    the prompt "a photo of" (LAVIS's caption prompt): SmolLM2's tokenizer adds no BOS, so without a
+    prompt the caption's first word would have to come from the last query alone, which 100 steps
+    do not teach (measured: every caption then began with "-").
 Everything computes in float32: XLA:CPU has no fast bfloat16 matmuls.
 """
 from configs import common
 
+PROMPT = "a photo of"
 VISION = dict(image_size=64, patch_size=8, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
               intermediate_size=1024)
 
@@ -49,6 +53,7 @@ def get_config(arg=None):
   else:
     c.model.family = "llama"
     c.frozen = [common.FROZEN_VIT, common.FROZEN_LLM]
+    c.loss.prompt = PROMPT
     c.total_steps = a.steps or 100
     c.optim.update(lr=5e-4, min_lr=5e-5, warmup_steps=10, warmup_init=1e-5)
   return c

@@ -10,13 +10,17 @@ from blip2_jax import demo
 from blip2_jax.data import synthetic
 
 
-def test_heldout_scenes_are_the_unseen_pairs_once_each():
-  images, caps, attrs = demo.heldout_scenes(64)
-  assert images.shape == (48, 64, 64, 3) and images.dtype == np.uint8
-  assert len(set(caps)) == 48
+def test_eval_scenes_split_seen_and_held_out_pairs():
   train_pairs = {(c, s) for c, s in synthetic._combos("train")}
+  images, caps, attrs = demo.eval_scenes(64, "held-out pairs")
+  assert images.shape == (48, 64, 64, 3) and images.dtype == np.uint8
+  assert len(set(caps)) == 48 and caps[0] == synthetic.caption_of(**attrs[0])
   assert all((a["color"], a["shape"]) not in train_pairs for a in attrs)
-  assert caps[0] == synthetic.caption_of(**attrs[0])
+  seen, scaps, sattrs = demo.eval_scenes(64, "seen pairs")
+  assert seen.shape == (48, 64, 64, 3) and len(set(scaps)) == 48
+  assert all((a["color"], a["shape"]) in train_pairs for a in sattrs)
+  with pytest.raises(ValueError, match="split"):
+    demo.eval_scenes(64, "test")
 
 
 def test_attribute_accuracy_and_exact_match():
@@ -62,8 +66,9 @@ def test_demo_runs_end_to_end_on_tiny_towers(tmp_path, capsys):
   assert "stage 1: retrieval" in out and "stage 2: captions" in out and "real photos" in out
   s = json.load(open(work / "summary.json"))
   for k in ("stage1_before", "stage1_after"):
-    assert {"img->txt R@1", "txt->img R@1", "caption exact", "count", "color", "shape", "position"} <= set(s[k])
-  assert {"caption exact", "color"} <= set(s["stage2_after"])
+    for split in demo.SPLITS:
+      assert {"img->txt R@1", "txt->img R@1", "caption exact", "count", "color", "shape", "position"} <= set(s[k][split])
+  assert {"caption exact", "color"} <= set(s["stage2_after"]["held-out pairs"])
   assert set(s["photos"]) == set(demo.PHOTOS)
   # both stages exported HF directories that load back; stage 2 was built from stage 1's Q-Former
   import blip2_jax

@@ -272,10 +272,13 @@ def build_stage2_batch(tokenizer, captions: Sequence[str], family: str, *, promp
   """
   if family in ("opt", "llama"):
     end = "\n" if family == "opt" else ""
-    seqs = _tokenize(tokenizer, [prompt + c + end for c in captions], max_len,
+    # LAVIS's text processor holds the prompt with its trailing space ("a photo of "); a prompt
+    # given without one ("a photo of", as at generation time) gets it here, not "a photo ofa cat"
+    sep = " " if prompt and not prompt[-1].isspace() else ""
+    seqs = _tokenize(tokenizer, [prompt + sep + c + end for c in captions], max_len,
                      append_eos=family == "llama")
     ids, mask = _pad(seqs, tokenizer.pad_token_id)
-    plen = len(_tokenize(tokenizer, [prompt], max_len)[0]) if prompt else 0
+    plen = len(_tokenize(tokenizer, [prompt.rstrip()], max_len)[0]) if prompt else 0
     return {"input_ids": ids, "attention_mask": mask, "labels": lm_labels(ids, mask, plen)}
   if family == "t5":
     parts = [split_caption(c, prefix_ratio, rng) for c in captions]

@@ -283,6 +283,10 @@ def test_build_stage2_batch(tmp_path):
       return opt_tok(texts, add_special_tokens=add_special_tokens)
   b = losses.build_stage2_batch(Recorder(), ["a cat", "two big dogs"], "opt", prompt="a photo of ")
   assert seen[:2] == ["a photo of a cat\n", "a photo of two big dogs\n"]
+  # the generation-time form of the prompt (no trailing space) gives the same batch
+  b2 = losses.build_stage2_batch(Recorder(), ["a cat", "two big dogs"], "opt", prompt="a photo of")
+  assert seen[-3:-1] == ["a photo of a cat\n", "a photo of two big dogs\n"]
+  assert all((b[k] == b2[k]).all() for k in b)
   bos = opt_tok.bos_token_id
   assert b["input_ids"][0, 0] == bos and b["attention_mask"].tolist() == [[1] * 6 + [0], [1] * 7]
   # prompt (incl. BOS: 4 tokens) and padding carry no loss
