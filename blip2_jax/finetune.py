@@ -282,12 +282,6 @@ def build_config(args, ckpt: dict):
 # CLI
 
 
-def _auto_distributed() -> bool:
-  env = os.environ
-  return any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")) and \
-      int(env.get("SLURM_NTASKS", "2")) > 1
-
-
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m blip2_jax.finetune", description=__doc__.split("\n\n")[0],
                               epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -336,12 +330,9 @@ def main(argv=None) -> int:
 
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
-  import jax
-  if args.distributed or _auto_distributed():
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kw = {k: v for k, v in dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                 process_id=args.process_id).items() if v is not None}
-    jax.distributed.initialize(**kw)
+  from blip2_jax import sharding
+  sharding.initialize_distributed(args.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
+                                  process_id=args.process_id)
   from blip2_jax.train import loop
   loop.train(config, args.workdir, max_steps=args.max_steps)  # prints where the best and the final model went
   return 0

@@ -1,10 +1,11 @@
-"""Mesh construction and the logical-axis rule table.
+"""Mesh construction, the logical-axis rule table, and multi-process start-up (`initialize_distributed`).
 
 Modules name their axes (see models/layers.py); this table maps the names to mesh axes
 (data, fsdp, tensor). Changing parallelism is a config edit, not a code edit.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import flax.linen as nn
@@ -93,3 +94,24 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> tuple[P, list[str]]:
   if not dropped:
     return spec, []  # unchanged, so it compares equal to the rule-given spec
   return P(*out[:len(tuple(spec))]), dropped
+
+
+def auto_distributed() -> bool:
+  """True under a multi-process launcher: a JAX coordinator, SLURM with more than one task, or a TPU pod."""
+  env = os.environ
+  return any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")) and \
+      int(env.get("SLURM_NTASKS", "2")) > 1
+
+
+def initialize_distributed(requested: bool, *, coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """jax.distributed.initialize() when `requested` or `auto_distributed()`, before any backend starts
+  (the command lines' --distributed); arguments the environment does not provide may be given.
+  Returns whether it initialised."""
+  if not (requested or auto_distributed()):
+    return False
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects CPU devices (tests, CPU runs)
+  kw = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id).items() if v is not None}
+  jax.distributed.initialize(**kw)
+  return True

@@ -23,24 +23,14 @@ _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "stop after this many steps
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _auto_distributed() -> bool:
-  env = os.environ
-  return any(k in env for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")) and \
-      int(env.get("SLURM_NTASKS", "2")) > 1
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-  import jax
-  if _DISTRIBUTED.value or _auto_distributed():
-    # before any backend starts; affects only CPU devices (multi-process CPU runs and tests)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kw = {k: v for k, v in dict(coordinator_address=_COORD.value, num_processes=_NPROC.value,
-                                 process_id=_PID.value).items() if v is not None}
-    jax.distributed.initialize(**kw)
+  from blip2_jax import sharding
+  sharding.initialize_distributed(_DISTRIBUTED.value, coordinator=_COORD.value, num_processes=_NPROC.value,
+                                  process_id=_PID.value)
   from blip2_jax.train import loop
   loop.train(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
 
