@@ -208,10 +208,17 @@ def _chance(attrs) -> dict:
           "position": 100.0 / len(syn.POSITIONS)}
 
 
-def _config(stage: int, args, towers: dict):
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's configs/
+def _recipe():
+  """configs/demo.py of this checkout (configs/ sits beside the package, like the train CLI's recipes)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
   from configs import demo as recipe
-  c = recipe.get_config(f"stage={stage},steps={args.stage1_steps if stage == 1 else args.stage2_steps},"
+  return recipe
+
+
+def _config(stage: int, args, towers: dict):
+  c = _recipe().get_config(f"stage={stage},steps={args.stage1_steps if stage == 1 else args.stage2_steps},"
                         f"batch={args.batch}")
   if stage == 1:
     c.model.vision, c.model.qformer_bert = towers["vision"], towers["bert"]
@@ -235,8 +242,7 @@ def run(args) -> dict:
   if args.fresh:
     shutil.rmtree(args.workdir, ignore_errors=True)
   os.makedirs(args.workdir, exist_ok=True)
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import demo as recipe
+  recipe = _recipe()
 
   _say(f"JAX {jax.__version__} on {jax.devices()[0].platform} x {jax.device_count()}; workdir {args.workdir}")
   towers = {"bert": args.bert or minilm_dir(),

@@ -345,6 +345,10 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   os.makedirs(local, exist_ok=True)
   t0 = time.time()
   mesh = shd.make_mesh(tuple(config.mesh))
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch is split over both
+  if config.global_batch_size % dp:
+    raise ValueError(f"global_batch_size {config.global_batch_size} does not split evenly over the {dp} "
+                     f"data-parallel devices of mesh {dict(mesh.shape)} (data x fsdp)")
   st = build_setup(config)
   source = make_source(config)
   steps = total_steps(config, len(source))
