@@ -21,10 +21,14 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 N_QUERY = 32
 
@@ -73,14 +77,6 @@ def prompt_ids(family: str) -> list[int]:
   return [2, 102, 1345, 9] if family == "opt" else [3, 1202, 13, 1]
 
 
-def _loadavg() -> str:
-  try:
-    with open("/proc/loadavg") as f:
-      return " ".join(f.read().split()[:3])
-  except OSError:
-    return "n/a"
-
-
 def median_time(fn, repeats: int) -> tuple[float, list[float]]:
   ts = []
   for _ in range(repeats):
@@ -120,7 +116,7 @@ def main():
   print(f"jax {jax.__version__} on {jdev.platform} ({jdev.device_kind}), torch {torch.__version__} on {tdev} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
         f"{ncpu} CPUs ({platform.processor() or platform.machine()}), python {platform.python_version()}, "
-        f"load average {_loadavg()}")
+        f"load average {common.loadavg()}")
 
   cfg = blip2_config(args.size, args.family)
   torch.manual_seed(0)
@@ -196,7 +192,7 @@ def main():
                 f"{[round(t, 3) for t in row[f'hf_{impl}_all']]}) ratio {row['ours'] / row[f'hf_{impl}']:.2f}")
         if f"same_{impl}" in row:
           msg += f" tokens equal: {row[f'same_{impl}']} ({row[f'agree_{impl}'] * 100:.0f}%)"
-      print(msg + f" | load average {_loadavg()}", flush=True)
+      print(msg + f" | load average {common.loadavg()}", flush=True)
 
   if args.markdown:
     impls = list(hf_models)

@@ -86,12 +86,22 @@ def make_batch(stage: int, family: str, b: int, txt: int, image_size: int, seed:
 # ours
 
 
+def stage_step_parts(stage: int, model):
+  """(frozen regexes, loss fn, optimizer) of the stage's train step, as the training recipes set them."""
+  from blip2_jax.train import optim, step as step_lib
+  if stage == 1:
+    frozen, loss_fn = [FROZEN_VIT], step_lib.stage1_loss_fn(model, bos_token_id=BOS, deterministic=True)
+  else:
+    frozen, loss_fn = [FROZEN_VIT, FROZEN_LLM], step_lib.stage2_loss_fn(model, deterministic=True)
+  return frozen, loss_fn, optim.make_optimizer(lr=1e-4, clip_norm=1.0)
+
+
 def build_ours(args, hf_dir, head_sd, mesh):
   import jax.numpy as jnp
 
   import blip2_jax
   from blip2_jax.models import qformer as Q
-  from blip2_jax.train import optim, step as step_lib
+  from blip2_jax.train import step as step_lib
   from blip2_jax.weights import io
   dt = getattr(jnp, args.dtype)
   model, params = blip2_jax.from_pretrained(hf_dir, dtype=dt, param_dtype=jnp.float32, scan=args.scan,
@@ -103,12 +113,7 @@ def build_ours(args, hf_dir, head_sd, mesh):
     tree["qformer_lm_head"] = io.load_params(io.DictReader(head_sd), Q.lm_head_hf_rules(q, prefix=""),
                                              io.abstract_params(head, jnp.zeros((1, 1, q.hidden_size))))
     tree["temp"] = jnp.float32(0.07)
-    frozen = [FROZEN_VIT]
-    loss_fn = step_lib.stage1_loss_fn(model, bos_token_id=BOS, deterministic=True)
-  else:
-    frozen = [FROZEN_VIT, FROZEN_LLM]
-    loss_fn = step_lib.stage2_loss_fn(model, deterministic=True)
-  tx = optim.make_optimizer(lr=1e-4, clip_norm=1.0)
+  frozen, loss_fn, tx = stage_step_parts(args.stage, model)
   state = step_lib.init_train_state(tree, frozen, tx, frozen_dtype=None if args.dtype == "float32" else args.dtype,
                                     shardings=step_lib.param_shardings(model, tree, mesh))
   step = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx), mesh, state)
@@ -283,7 +288,7 @@ def memory_only(args, cfg):
 
   from blip2_jax import sharding as shd
   from blip2_jax.models import blip2
-  from blip2_jax.train import optim, step as step_lib
+  from blip2_jax.train import step as step_lib
   from blip2_jax.weights import io
   dt = args.dtype
   bcfg = blip2.Blip2Config.from_hf(cfg, architecture="Blip2ForImageTextRetrieval" if args.stage == 1 else None,
@@ -298,12 +303,7 @@ def memory_only(args, cfg):
     q = bcfg.qformer
     tree["qformer_lm_head"] = unbox(io.abstract_params(Q.QFormerLMHead(q), jnp.zeros((1, 1, q.hidden_size))))
     tree["temp"] = jax.ShapeDtypeStruct((), jnp.float32)
-    frozen = [FROZEN_VIT]
-    loss_fn = step_lib.stage1_loss_fn(model, bos_token_id=BOS, deterministic=True)
-  else:
-    frozen = [FROZEN_VIT, FROZEN_LLM]
-    loss_fn = step_lib.stage2_loss_fn(model, deterministic=True)
-  tx = optim.make_optimizer(lr=1e-4, clip_norm=1.0)
+  frozen, loss_fn, tx = stage_step_parts(args.stage, model)
   frozen_dtype = None if dt == "float32" else dt
   state = jax.eval_shape(lambda p: step_lib.init_train_state(p, frozen, tx, frozen_dtype=frozen_dtype), tree)
   nbytes = lambda t: sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(t))
