@@ -209,12 +209,8 @@ def _chance(attrs) -> dict:
 
 
 def _recipe():
-  """configs/demo.py of this checkout (configs/ sits beside the package, like the train CLI's recipes)."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  from configs import demo as recipe
-  return recipe
+  from blip2_jax.train import recipe_module
+  return recipe_module("demo")
 
 
 def _config(stage: int, args, towers: dict):

@@ -125,16 +125,11 @@ def check_data(path: str, images_dir: str, kinds, what: str) -> int:
 
 
 def _configs_module(name: str):
-  """configs/<name>.py from the repository (configs/ sits beside the blip2_jax package)."""
-  import importlib
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if root not in sys.path and os.path.isdir(os.path.join(root, "configs")):
-    sys.path.insert(0, root)
+  from blip2_jax.train import recipe_module
   try:
-    return importlib.import_module(f"configs.{name}")
+    return recipe_module(name)
   except ImportError as e:
-    raise UsageError(f"cannot import the recipe configs/{name}.py ({e}); run from a blip2-jax checkout "
-                     "(pip install -e .)") from e
+    raise UsageError(str(e)) from e
 
 
 def recipe(task: str, ckpt: dict):
