@@ -3,7 +3,12 @@ import os
 
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-  os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+  flags += " --xla_force_host_platform_device_count=8"
+# Tiny test programs spend far more time in XLA:CPU's LLVM optimiser than running: level 0 makes
+# the suite's compiles ~35% faster. The HLO (what is tested) is the same; only machine code differs.
+if "xla_backend_optimization_level" not in flags:
+  flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = flags.strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 STAGE1_TASKS = ("stage1", "retrieval")
@@ -92,9 +90,10 @@ def resize_positions(config, params, image_size: int):
 
 def _stage1_extras(model, seed: int, head=None, temp=None) -> dict:
   from blip2_jax.models import qformer
+  from blip2_jax.weights import io
   if head is None:
     q = model.config.qformer
-    head = nn.unbox(qformer.QFormerLMHead(q).init(jax.random.PRNGKey(seed), *qformer.init_args(q)[0])["params"])
+    head = io.init_params(qformer.QFormerLMHead(q), seed, *qformer.init_args(q)[0])
   return {"qformer_lm_head": head, "temp": jnp.asarray(TEMP_INIT if temp is None else temp, jnp.float32)}
 
 
@@ -102,14 +101,15 @@ def _random(config):
   import transformers
 
   from blip2_jax.models import blip2
+  from blip2_jax.weights import io
   d = config.model.hf_config.to_dict() if hasattr(config.model.hf_config, "to_dict") else dict(config.model.hf_config)
   if not d:
     raise ValueError("model.init='random' needs model.hf_config (a transformers Blip2Config as a dict)")
   cls = transformers.InstructBlipConfig if d.get("model_type") == "instructblip" else transformers.Blip2Config
   cfg = blip2.Blip2Config.from_hf(cls(**d), architecture=config.model.architecture, **_runtime(config))
   model = blip2.build(cfg)
-  variables = model.init(jax.random.PRNGKey(config.seed), **blip2.dummy_inputs(cfg))
-  return cfg, nn.unbox(variables["params"]), {"init": f"random (seed {config.seed})"}
+  params = io.init_params(model, config.seed, **blip2.dummy_inputs(cfg))
+  return cfg, params, {"init": f"random (seed {config.seed})"}
 
 
 def _towers_stage1(config):

@@ -28,7 +28,9 @@ from blip2_jax.weights import io
 FROZEN_VIT, FROZEN_LLM = r"model/vision_model/.*", r"model/language_model/.*"
 BOS = 98  # [DEC] of testing.tiny_tokenizer("bert")
 SMALL = dict(vision_overrides=dict(num_hidden_layers=1), qformer_overrides=dict(num_hidden_layers=2))
-ACCUM_LOSS_TOL, ACCUM_NORM_RTOL, ACCUM_PARAM_TOL = 2e-6, 5e-7, 2e-8
+# params after one AdamW step: measured 6.0e-8 = one float32 ulp of a weight in [0.5, 1) (under
+# the suite's XLA flags, conftest.py; under 2e-8 at XLA's default optimisation level)
+ACCUM_LOSS_TOL, ACCUM_NORM_RTOL, ACCUM_PARAM_TOL = 2e-6, 5e-7, 6e-8
 
 
 # ----------------------------------------------------------------------------------------
