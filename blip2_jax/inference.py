@@ -146,7 +146,7 @@ def _generate_fn(model, opts: tuple):
         model, params, pixel_values, input_ids, attention_mask, max_new_tokens=o["max_new_tokens"],
         qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask)
     return generation.search(step, state, first, ctx, ctx_mask, rng=rng, **o)
-  return jax.jit(run)
+  return generation.jit(run)
 
 
 def generate(model, params, pixel_values, input_ids=None, attention_mask=None, *, qformer_input_ids=None,

@@ -160,8 +160,9 @@ def reorder_cache(state, beam_idx, shared_prefix: int = 0):
         return x
       if shared_prefix <= 0:
         return x[beam_idx]
-      tail = lax.slice_in_dim(x, shared_prefix, x.shape[1], axis=1)[beam_idx]
-      return lax.dynamic_update_slice_in_dim(x, tail, shared_prefix, axis=1)
+      # head-major (B, N, S, H) caches: the slots are axis 2
+      tail = lax.slice_in_dim(x, shared_prefix, x.shape[2], axis=2)[beam_idx]
+      return lax.dynamic_update_slice_in_dim(x, tail, shared_prefix, axis=2)
     return {name: one(name, x) for name, x in cache.items()}
   return dict(state, cache=[take(c) for c in state["cache"]])
 

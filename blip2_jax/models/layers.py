@@ -257,9 +257,34 @@ def cached_causal_bias(key_mask: Array | None, t: int, s: int, index) -> Array:
 
 
 def cache_update(cache: Array, new: Array, index) -> Array:
-  """Writes `new` (B, T, ...) into `cache` (B, S, ...) at slots index..index+T-1 (traced index)."""
-  start = (0, index) + (0,) * (cache.ndim - 2)
-  return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
+  """Writes `new` (B, T, N, H) into a head-major key/value cache (B, N, S, H) at slots
+  index..index+T-1 (traced index). Head-major because each decode step reads the whole cache
+  and the dots want batch and head axes leading: a (B, S, N, H) cache was copied into that
+  layout, every layer, every step."""
+  new = jnp.swapaxes(new, 1, 2).astype(cache.dtype)
+  return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+
+
+def cached_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
+                     scale: float | None = None, dtype: Dtype = jnp.float32) -> Array:
+  """`attention` of (B, T, N, H) queries over a head-major (B, K, S, H) key/value cache (K
+  divides N: GQA), the same float32 logits and softmax as the XLA path of
+  `jax.nn.dot_product_attention`, without moving the cache. -> (B, T, N, H)."""
+  q, k, v = (t.astype(dtype) for t in (q, k, v))
+  b, t, n, h = q.shape
+  kh = k.shape[1]
+  scale = h ** -0.5 if scale is None else scale
+  q = q.reshape(b, t, kh, n // kh, h)  # query head n = kv head n // G, group member n % G
+  logits = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * jnp.asarray(scale, jnp.float32)
+  if bias is not None:
+    bias = _full_bias(bias)
+    bias = (bias[:, :, None] if bias.shape[1] == 1
+            else bias.reshape(bias.shape[0], kh, n // kh, *bias.shape[2:]))
+    logits = logits + bias
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bksh->btkgh", probs, v)
+  return out.reshape(b, t, n, h).astype(dtype)
 
 
 def causal_padding_bias(mask: Array | None, t: int) -> Array:

@@ -215,14 +215,17 @@ class LlamaAttention(nn.Module):
     return self.o_proj(L.merge_heads(out))
 
   def __call__(self, x, bias, cos, sin, cache_index=None, cache=None):
-    """With `cache` ({"k", "v"}: (B, S, K, H)) the new rotated keys and values are written at
+    """With `cache` ({"k", "v"}: head-major (B, K, S, H)) the new rotated keys and values go to
     slots cache_index.. and the queries attend over all S slots; returns (out, new cache)."""
     q, k, v = self.qkv(x, cos, sin)
     if cache is None:
       return self.attend(q, k, v, bias)
     k = L.cache_update(cache["k"], k, cache_index)
     v = L.cache_update(cache["v"], v, cache_index)
-    return self.attend(q, k, v, bias), {"k": k, "v": v}
+    cfg = self.config
+    out = L.cached_attention(q, k, v, bias=bias, scale=cfg.head_dim ** -0.5,
+                             dtype=L.dtype_of(cfg.dtype))
+    return self.o_proj(L.merge_heads(out)), {"k": k, "v": v}
 
 
 class LlamaMLP(nn.Module):
@@ -255,8 +258,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=None) -> dict:
-  """Empty key/value cache {"k", "v"}: (num_layers, batch, max_length, kv_heads, head_dim)."""
-  shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
+  """Empty key/value cache {"k", "v"}: (num_layers, batch, kv_heads, max_length, head_dim)."""
+  shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_length, config.head_dim)
   dt = L.dtype_of(dtype or config.dtype)
   return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 
@@ -303,7 +306,7 @@ class LlamaModel(nn.Module):
     if cache is None:
       x = stack(x, L.causal_padding_bias(attention_mask, t), cos, sin)
       return L.constrain(self.norm(x), ACT_AXES)
-    bias = L.cached_causal_bias(attention_mask, t, cache["k"].shape[2], cache_index)
+    bias = L.cached_causal_bias(attention_mask, t, cache["k"].shape[3], cache_index)
     x, cache = stack(x, bias, cos, sin, cache_index, xs=cache)
     return L.constrain(self.norm(x), ACT_AXES), cache
 

@@ -154,7 +154,7 @@ class OPTAttention(nn.Module):
     return self.out_proj(L.merge_heads(out))
 
   def __call__(self, x, bias, cache_index=None, cache=None):
-    """With `cache` ({"k", "v"}: (B, S, N, H)) the new keys/values are written at slots
+    """With `cache` ({"k", "v"}: head-major (B, N, S, H)) the new keys/values are written at slots
     cache_index.. and the queries attend over all S slots (`bias` masks them); returns
     (out, new cache)."""
     q, k, v = self.qkv(x)
@@ -162,7 +162,8 @@ class OPTAttention(nn.Module):
       return self.attend(q, k, v, bias)
     k = L.cache_update(cache["k"], k, cache_index)
     v = L.cache_update(cache["v"], v, cache_index)
-    return self.attend(q, k, v, bias), {"k": k, "v": v}
+    out = L.cached_attention(q, k, v, bias=bias, scale=1.0, dtype=L.dtype_of(self.config.dtype))
+    return self.out_proj(L.merge_heads(out)), {"k": k, "v": v}
 
 
 class OPTDecoderLayer(nn.Module):
@@ -207,8 +208,8 @@ def position_ids_from_mask(mask):
 
 
 def init_cache(config: OPTConfig, batch: int, max_length: int, dtype=None) -> dict:
-  """Empty key/value cache {"k", "v"}: (num_layers, batch, max_length, heads, head_dim)."""
-  shape = (config.num_hidden_layers, batch, max_length, config.num_attention_heads, config.head_dim)
+  """Empty key/value cache {"k", "v"}: (num_layers, batch, heads, max_length, head_dim)."""
+  shape = (config.num_hidden_layers, batch, config.num_attention_heads, max_length, config.head_dim)
   dt = L.dtype_of(dtype or config.dtype)
   return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 
@@ -261,7 +262,7 @@ class OPTDecoder(nn.Module):
     if cache is None:
       x = stack(x, L.causal_padding_bias(attention_mask, t))
     else:
-      s = cache["k"].shape[2]
+      s = cache["k"].shape[3]
       bias = L.cached_causal_bias(attention_mask, t, s, cache_index)
       x, cache = stack(x, bias, cache_index, xs=cache)
     if cfg.has_final_layer_norm:

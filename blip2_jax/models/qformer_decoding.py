@@ -84,7 +84,7 @@ def _generate_fn(model, bos: int, opts: tuple):
     first, state, step, ctx, mask = prefill(model, params, lm_head_params, pixel_values, bos_token_id=bos,
                                             max_new_tokens=o["max_new_tokens"])
     return generation.search(step, state, first, ctx, mask, rng=rng, **o)
-  return jax.jit(run)
+  return generation.jit(run)
 
 
 def generate(model, params, lm_head_params, pixel_values, *, bos_token_id: int, eos_token_id: int,

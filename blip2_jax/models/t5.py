@@ -215,7 +215,8 @@ def _norm(cfg: T5Config, name: str) -> L.LayerNorm:
 class T5Attention(nn.Module):
   """Self- or cross-attention without score scaling; `bias` holds position bias + mask.
 
-  The one place decoder keys/values are formed. With `cache` ({"k", "v"}: (B, S, N, H)) it
+  The one place decoder keys/values are formed. With `cache` ({"k", "v"}: head-major
+  (B, N, S, H)) it
   returns (out, new cache): self-attention writes the new keys/values at slots cache_index..;
   cross-attention (cache_index None) projects `kv` into a fresh cache, or, with kv None, reuses
   the cached encoder keys/values.
@@ -238,12 +239,17 @@ class T5Attention(nn.Module):
       if cache is not None and cache_index is not None:
         k = L.cache_update(cache["k"], k, cache_index)
         v = L.cache_update(cache["v"], v, cache_index)
-    out = L.attention(q, k, v, bias=bias, scale=1.0, implementation=cfg.attn_impl,
-                      dtype=cfg.jdtype)
+      elif cache is not None:  # fresh cross-attention cache, head-major like the others
+        k, v = (jnp.swapaxes(t, 1, 2).astype(cache["k"].dtype) for t in (k, v))
+    if cache is None:
+      out = L.attention(q, k, v, bias=bias, scale=1.0, implementation=cfg.attn_impl,
+                        dtype=cfg.jdtype)
+    else:
+      out = L.cached_attention(q, k, v, bias=bias, scale=1.0, dtype=cfg.jdtype)
     out = dense(cfg.d_model, ("heads", "embed"), name="o")(L.merge_heads(out))
     if cache is None:
       return out
-    return out, {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
+    return out, {"k": k, "v": v}
 
 
 class T5FeedForward(nn.Module):
@@ -333,7 +339,7 @@ class T5Stack(nn.Module):
                     axes=("relpos", None), name="relative_attention_bias")
     t = x.shape[1]
     if cache is not None:
-      s = cache["k"].shape[2]
+      s = cache["k"].shape[3]
       # HF: the bias of the full key length, its last T query rows (queries at cache_index..).
       bias = position_bias(table, t, s, bidirectional=False, config=cfg, offset=cache_index)
       bias = bias + L.cached_causal_bias(self_mask, t, s, cache_index)
@@ -366,11 +372,11 @@ class T5Stack(nn.Module):
 
 def init_cache(config: T5Config, batch: int, max_length: int, encoder_length: int,
                dtype=None) -> dict:
-  """Empty decoder cache: self-attention "k", "v" (layers, batch, max_length, heads, d_kv) and
-  cross-attention "ck", "cv" (layers, batch, encoder_length, heads, d_kv)."""
+  """Empty decoder cache, head-major: self-attention "k", "v" (layers, batch, heads, max_length,
+  d_kv) and cross-attention "ck", "cv" (layers, batch, heads, encoder_length, d_kv)."""
   dt = L.dtype_of(dtype or config.dtype)
   n, h, d = config.num_decoder_layers, config.num_heads, config.d_kv
-  self_shape, cross_shape = (n, batch, max_length, h, d), (n, batch, encoder_length, h, d)
+  self_shape, cross_shape = (n, batch, h, max_length, d), (n, batch, h, encoder_length, d)
   return {"k": jnp.zeros(self_shape, dt), "v": jnp.zeros(self_shape, dt),
           "ck": jnp.zeros(cross_shape, dt), "cv": jnp.zeros(cross_shape, dt)}
 
