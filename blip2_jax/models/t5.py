@@ -216,10 +216,9 @@ class T5Attention(nn.Module):
   """Self- or cross-attention without score scaling; `bias` holds position bias + mask.
 
   The one place decoder keys/values are formed. With `cache` ({"k", "v"}: head-major
-  (B, N, S, H)) it
-  returns (out, new cache): self-attention writes the new keys/values at slots cache_index..;
-  cross-attention (cache_index None) projects `kv` into a fresh cache, or, with kv None, reuses
-  the cached encoder keys/values.
+  (B, N, S, H)) it returns (out, new cache): self-attention writes the new keys/values at slots
+  cache_index..; cross-attention (cache_index None) projects `kv` into a fresh cache, or, with kv
+  None, reuses the cached encoder keys/values.
   """
   config: T5Config
 

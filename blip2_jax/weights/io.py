@@ -295,7 +295,8 @@ def _sources(path: str, shape: tuple[int, ...]) -> tuple[list[str], tuple[int, .
 
 def init_params(module: nn.Module, seed: int, *args, **kwargs):
   """Unboxed `module.init(PRNGKey(seed), *args)['params']` as one compiled program: run eagerly,
-  flax's init dispatches (and compiles) every op on its own, ~10x slower on a CPU."""
+  flax's init dispatches (and compiles) every op on its own: 16 s against 3 s for the tiny
+  stage-1 model on a 2-core CPU."""
   return jax.jit(lambda rng, a, kw: nn.unbox(module.init(rng, *a, **kw)["params"]))(
       jax.random.PRNGKey(seed), args, kwargs)
 
