@@ -330,13 +330,18 @@ def _search_impl(step_fn, state, first_logits, context_ids, context_mask, rng, o
 # in beam search the log-softmax's row max went into the LM head's (80 x 512) @ (512 x 50304)
 # matmul, and that fusion ran 3x slower than the matmul alone (98 ms vs 32 ms a step). Decoding
 # programs on the CPU let YNNPACK take single matmuls only: batch 16, 5 beams 5.4 s -> 3.5 s.
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+CPU_DECODING = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# Inference forwards (retrieval's ViT / Q-Former passes) ran fastest with no library fusions at
+# all: the small ViT at batch 32 took 2.77 s by default, 1.95 s with single-dot fusions, 1.51 s
+# without XNNPACK / YNNPACK (HF's vision model: 1.49 s).
+CPU_NO_LIBRARY_FUSIONS = {"xla_cpu_use_xnnpack": False, "xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def jit(fn: Callable, **kwargs) -> Callable:
-  """`jax.jit` for a decoding program (prefill + search), with the CPU compiler options above."""
+def jit(fn: Callable, cpu_options: dict = CPU_DECODING, **kwargs) -> Callable:
+  """`jax.jit` with XLA:CPU compiler options (on the CPU backend only; measured above): decoding
+  programs (prefill + search) by default."""
   if jax.default_backend() == "cpu":
-    kwargs.setdefault("compiler_options", _CPU_OPTIONS)
+    kwargs.setdefault("compiler_options", cpu_options)
   return jax.jit(fn, **kwargs)
 
 

@@ -63,6 +63,17 @@ def _map_batched(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int, de
 # retrieval
 
 
+def _itc_scores(image_feats: np.ndarray, text_feats: np.ndarray, block: int = 128) -> np.ndarray:
+  """(I, Q, E) x (T, E) -> (I, T): max over queries of the dot products, as BLAS matmuls over
+  blocks of images (np.einsum does not use BLAS here: 6.4 s against 0.7 s for 1k x 5k)."""
+  n, q, e = image_feats.shape
+  out = np.empty((n, text_feats.shape[0]), np.float32)
+  for s in range(0, n, block):
+    f = image_feats[s:s + block]
+    out[s:s + len(f)] = (f.reshape(-1, e) @ text_feats.T).reshape(len(f), q, -1).max(axis=1)
+  return out
+
+
 @functools.lru_cache(maxsize=8)
 def _retrieval_fns(model):
   def image(params, px):
@@ -76,7 +87,9 @@ def _retrieval_fns(model):
     logits, _ = model.apply({"params": params}, image_embeds, ids, mask, method="itm_logits")
     return logits[:, 1]
 
-  return jax.jit(image), jax.jit(text), jax.jit(itm)
+  from blip2_jax import generation
+  opts = generation.CPU_NO_LIBRARY_FUSIONS
+  return (generation.jit(image, opts), generation.jit(text, opts), generation.jit(itm, opts))
 
 
 def retrieval_scores(model, params, pixel_values, input_ids, attention_mask=None, *, k: int = 128,
@@ -100,7 +113,7 @@ def retrieval_scores(model, params, pixel_values, input_ids, attention_mask=None
                                            "image features", progress)
   (text_feats,) = _map_batched(lambda i, m: text_fn(params, i, m), [input_ids, attention_mask],
                                batch_size, "text features", progress)
-  itc = np.einsum("iqe,te->iqt", image_feats, text_feats).max(axis=1)
+  itc = _itc_scores(image_feats, text_feats)
   n_img, n_txt = itc.shape
 
   emb_d, ids_d, mask_d = (jnp.asarray(a) for a in (image_embeds, input_ids, attention_mask))
