@@ -6,6 +6,7 @@ import transformers
 
 from blip2_jax import inference, retrieve, testing
 from blip2_jax.weights import hf as hfw
+from bounds import REL
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,9 @@ def test_scores_match_torch(ckpt):
       want = itm(i, j) + itc[i, j] if i in top else -100.0
       errs.append(abs(got["t2i"][j, i] - want))
   print(f"ITC {err_itc:.1e}, reranked {max(errs):.1e}")
-  # measured max abs diff: ITC 8.9e-8, reranked scores 7.5e-8 (values of order 0.1-1)
-  assert err_itc < 5e-7 and max(errs) < 1e-6
+  # measured max abs diff: ITC 8.9e-8, reranked scores 7.5e-8 (values of order 0.1-1: bound 1e-5,
+  # tests/bounds.py; the candidates left out of the re-ranking hold -100 on both sides)
+  assert err_itc <= REL and max(errs) <= REL, (err_itc, max(errs))
 
 
 def test_retrieve_cli(ckpt, tmp_path, capsys):

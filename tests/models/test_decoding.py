@@ -23,9 +23,10 @@ import jax.numpy as jnp
 from blip2_jax import testing
 from blip2_jax.models import decoding, layers as L
 from blip2_jax.models import llama as llama_mod
+from bounds import assert_close
 
-TOL = 5e-6  # cached vs full forward: measured <= 1.5e-6 (see above)
-HF_TOL = 5e-6  # our step logits vs HF generate's output_logits: measured <= 2.4e-6
+# Bounds: tests/bounds.py (1e-5 x the largest |reference|). Cached vs full forward: measured
+# <= 1.5e-6; our step logits vs HF generate's output_logits: measured <= 2.4e-6 (see above).
 N_NEW = 5
 # Scanned or unrolled per family: the left-padding test takes the other one, so each family's
 # cache runs both ways (and tests share compiled programs).
@@ -139,8 +140,7 @@ def test_cached_equals_composite_forward(ckpt, name):
     seq = np.concatenate([ids, new], 1)
     full = _apply(model, params, jnp.asarray(px), jnp.asarray(seq), **j)["logits"]
     full = full[:, cfg.num_query_tokens + ids.shape[1] - 1:]
-  diff = np.abs(np.asarray(full) - cached).max()
-  assert diff <= TOL, diff
+  assert_close(cached, full, "cached vs full forward")
 
 
 @pytest.mark.parametrize("name,scan", [("opt", True), ("llama", False), ("t5", True)])
@@ -173,8 +173,7 @@ def test_cached_equals_lm_forward_left_padded(ckpt, name, scan):
                   method=lambda md, a, e, p: md.language_model(attention_mask=a, inputs_embeds=e,
                                                                position_ids=p))
     full = full["logits"][:, lay.shape[1] - 1:]
-  diff = np.abs(np.asarray(full) - cached).max()
-  assert diff <= TOL, diff
+  assert_close(cached, full, "cached vs full forward")
 
 
 def test_layer_stack_xs_scan_equals_unrolled():
@@ -193,8 +192,8 @@ def test_layer_stack_xs_scan_equals_unrolled():
   a = unrolled.apply(p, x, 0.5, xs=xs)
   b = scanned.apply({"params": L.unrolled_to_scan(p["params"])}, x, 0.5, xs=xs)
   assert a[1].shape == (4,)
-  np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), atol=1e-6)
-  np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b[1]), atol=1e-5)
+  assert_close(b[0], a[0], "scanned outputs")
+  assert_close(b[1], a[1], "scanned ys")
   assert np.asarray(unrolled.apply(p, x, 0.5)).shape == (2, 3)  # the plain path is unchanged
 
 
@@ -264,8 +263,7 @@ def test_greedy_matches_hf_generate(ckpt, name, prompt):
                                  do_sample=False, num_beams=1)
   ours, our_logits = _greedy(model, params, px, ids, mask, kw, N_NEW)
   np.testing.assert_array_equal(ours, ref)
-  diff = np.abs(our_logits - ref_logits).max()
-  assert diff <= HF_TOL, diff
+  assert_close(our_logits, ref_logits, "step logits vs HF output_logits")
 
 
 # ----------------------------------------------------------------------------------------

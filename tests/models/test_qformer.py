@@ -1,5 +1,6 @@
 """Q-Former parity tests against HF Blip2QFormerModel / InstructBlipQFormerModel / BERT (float32,
-eager attention). Measured max abs diffs are noted next to each tolerance (CPU, jax 0.10.2)."""
+eager attention). Measured max abs diffs are noted next to each comparison (CPU, jax 0.10.2); the
+bounds are the project's float32 goal (tests/bounds.py: 1e-5 x the largest |reference|)."""
 import importlib.util
 import os
 
@@ -14,6 +15,7 @@ from blip2_jax.models import layers as L
 from blip2_jax.models import qformer as Q
 from blip2_jax.weights import bert as bert_init
 from blip2_jax.weights import io
+from bounds import BF16_REL, assert_close
 
 Q_LEN, T_LEN, E_LEN, ENC, HID = 5, 6, 7, 24, 36  # HID 36 / 4 heads: head dim 9 (odd)
 
@@ -205,8 +207,8 @@ def test_query_path(tmp_path, freq, text, act):
   out = _run(Q.QFormerModel(cfg))({"params": p}, (_j(qtok),), dict(
       encoder_hidden_states=_j(img), encoder_attention_mask=_j(img_mask)))
   ref = _hf_forward(qf, emb, "query", inputs)
-  np.testing.assert_allclose(out["last_hidden_state"], ref, atol=3e-6, rtol=0)  # measured <= 1.4e-6
-  np.testing.assert_allclose(out["pooler_output"], ref[:, 0], atol=3e-6, rtol=0)
+  assert_close(out["last_hidden_state"], ref)  # measured <= 1.4e-6
+  assert_close(out["pooler_output"], ref[:, 0])
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["freq1", "freq2"])
@@ -229,9 +231,9 @@ def test_text_paths(blip2_text_model, path):
   ref = _hf_forward(qf, emb, path, _inputs())
   # measured max abs diff (values up to ~5): freq1 1.4e-6 on all four paths; freq2 query 1.1e-6,
   # itm 9.5e-7, itc 8.3e-7, itg 1.1e-6
-  np.testing.assert_allclose(outs[path], ref, atol=3e-6, rtol=0)
+  assert_close(outs[path], ref)
   if path == "itg":  # queries never see text: query outputs equal the query-only pass
-    np.testing.assert_allclose(outs[path][:, :Q_LEN], outs["query"], atol=2e-6, rtol=0)
+    assert_close(outs[path][:, :Q_LEN], outs["query"])
 
 
 def test_scan_remat_matches_unrolled(blip2_text_model):
@@ -248,9 +250,9 @@ def test_scan_remat_matches_unrolled(blip2_text_model):
   ref = _ours(ucfg, params, "itm", inputs)
   np.testing.assert_array_equal(_ours(ucfg, L.scan_to_unrolled(sparams), "itm", inputs), ref)
   # scanned (and scanned + remat) vs unrolled: measured 0.0; the slack allows XLA fusion-order ulps
-  np.testing.assert_allclose(outs["itm"], ref, atol=1e-6, rtol=0)
+  assert_close(outs["itm"], ref)
   rcfg = L.config_replace(cfg, remat="full")
-  np.testing.assert_allclose(_ours(rcfg, sparams, "itm", inputs), ref, atol=1e-6, rtol=0)
+  assert_close(_ours(rcfg, sparams, "itm", inputs), ref)
 
 
 def test_bf16(blip2_text_model):
@@ -260,10 +262,9 @@ def test_bf16(blip2_text_model):
   inputs = _inputs()
   ref = _hf_forward(qf, emb, "itm", inputs)
   out = _ours(L.config_replace(cfg, dtype="bfloat16"), params, "itm", inputs)
-  err = np.abs(out - ref).max()
   # bf16 compute (params fp32, norms/softmax fp32) vs fp32 torch: measured max 0.035 (freq 2) /
   # 0.038 (freq 1), mean 0.003, on values up to ~5
-  assert err < 0.06, err
+  assert_close(out, ref, "bf16 itm", rel=BF16_REL)
 
 
 def test_dropout_runs(blip2_text_model):
@@ -276,8 +277,7 @@ def test_dropout_runs(blip2_text_model):
   assert np.isfinite(out).all() and np.abs(out - det).max() > 1e-2
   # the explicit attention path used for probability dropout: with p ~ 0 it equals the fused one
   tiny = L.config_replace(cfg, hidden_dropout_prob=0.0, attention_probs_dropout_prob=1e-9)
-  np.testing.assert_allclose(_ours(tiny, params, "itm", inputs, deterministic=False), det,
-                             atol=1e-6, rtol=0)  # measured 0.0
+  assert_close(_ours(tiny, params, "itm", inputs, deterministic=False), det)  # measured 0.0
 
 
 def test_uneven_layers_unrolled(tmp_path):
@@ -288,8 +288,7 @@ def test_uneven_layers_unrolled(tmp_path):
   assert set(params["qformer"]["encoder"]) == {"layers_0", "layers_1"}
   assert set(params["qformer"]["encoder"]["layers_1"]) == {"layer_0"}
   inputs = _inputs()
-  np.testing.assert_allclose(_ours(cfg, params, "itg", inputs), _hf_forward(qf, emb, "itg", inputs),
-                             atol=3e-6, rtol=0)  # measured 1.4e-6
+  assert_close(_ours(cfg, params, "itg", inputs), _hf_forward(qf, emb, "itg", inputs))  # measured 1.4e-6
   with pytest.raises(ValueError, match="divisible"):
     Q.QFormerConfig.from_hf(c, scan=True)
 
@@ -343,8 +342,8 @@ def test_instructblip(tmp_path, freq):
             mdl.apply(v, None, ids, tmask))
 
   out, txt = both(p, *(_j(t) for t in (qtok, ids, tmask, img, img_mask)))
-  np.testing.assert_allclose(out["last_hidden_state"], ref, atol=3e-6, rtol=0)  # measured 1.4e-6
-  np.testing.assert_allclose(txt["last_hidden_state"], ref_txt, atol=3e-6, rtol=0)  # 9.5e-7
+  assert_close(out["last_hidden_state"], ref)  # measured 1.4e-6
+  assert_close(txt["last_hidden_state"], ref_txt)  # 9.5e-7
 
 
 # ----------------------------------------------------------------------------------------
@@ -376,7 +375,7 @@ def test_lm_head_matches_bert(tmp_path):
                        io.abstract_params(head, jnp.zeros((1, 1, HID))),
                        ignore=[r"bert\..*"] + (Q.LM_HEAD_IGNORE_TIED if tied else Q.LM_HEAD_IGNORE))
     out = head.apply({"params": p}, _j(h), table if tied else None)
-    np.testing.assert_allclose(out, ref, atol=5e-7, rtol=0)  # measured 6e-8 (logits ~0.8)
+    assert_close(out, ref)  # measured 6e-8 (logits ~0.8)
 
 
 def _assert_query_ffn_is_text_ffn(qparams):
@@ -412,10 +411,10 @@ def test_bert_init(tmp_path):
   m = _run(Q.QFormerWithEmbeddings(cfg))
   v = {"params": {k: params[k] for k in ("embeddings", "qformer")}}
   txt = np.asarray(m(v, (None, _j(ids), _j(tmask)), {})["last_hidden_state"])
-  np.testing.assert_allclose(txt, ref, atol=3e-6, rtol=0)  # measured 9.5e-7 (values up to 3)
+  assert_close(txt, ref)  # measured 9.5e-7 (values up to 3)
   logits = Q.QFormerLMHead(cfg).apply({"params": params["lm_head"]}, jnp.asarray(txt),
                                       params["embeddings"]["word_embeddings"]["embedding"])
-  np.testing.assert_allclose(np.asarray(logits)[..., :50], ref_logits, atol=1e-6, rtol=0)  # 1.2e-7
+  assert_close(np.asarray(logits)[..., :50], ref_logits)  # 1.2e-7
   # default (LAVIS): token_type_embeddings dropped == BERT with them zeroed
   params, rep = bert_init.from_bert_state_dict(str(tmp_path), cfg, new_token_init="mean")
   assert "bert.embeddings.token_type_embeddings.weight" in rep["unused"]
@@ -423,8 +422,7 @@ def test_bert_init(tmp_path):
     bert.bert.embeddings.token_type_embeddings.weight.zero_()
     ref0 = bert.bert(input_ids=ids, attention_mask=tmask).last_hidden_state.numpy()
   v = {"params": {k: params[k] for k in ("embeddings", "qformer")}}
-  np.testing.assert_allclose(m(v, (None, _j(ids), _j(tmask)), {})["last_hidden_state"], ref0,
-                             atol=3e-6, rtol=0)
+  assert_close(m(v, (None, _j(ids), _j(tmask)), {})["last_hidden_state"], ref0)  # measured 9.5e-7
   # BertModel layout (no "bert." prefix, no head) into the instructblip layout, scanned
   bert.bert.save_pretrained(tmp_path / "base")
   icfg = L.config_replace(cfg, layout="instructblip")
@@ -432,7 +430,7 @@ def test_bert_init(tmp_path):
   assert any(s.startswith("cls.predictions.bias") for s in rep["initialised"])
   _assert_query_ffn_is_text_ffn(L.scan_to_unrolled(params["qformer"]))
   out = _run(Q.QFormerModel(icfg))({"params": params["qformer"]}, (None, _j(ids), _j(tmask)), {})
-  np.testing.assert_allclose(out["last_hidden_state"], ref0, atol=3e-6, rtol=0)
+  assert_close(out["last_hidden_state"], ref0)
 
 
 def _minilm_dir():
@@ -459,5 +457,5 @@ def test_real_minilm_bert_init():
   out = _run(Q.QFormerWithEmbeddings(cfg))({"params": params}, (None, _j(ids), _j(tmask)), {})
   out = np.asarray(out["last_hidden_state"])
   # measured 1.6e-6 on values up to 5.4
-  np.testing.assert_allclose(out, ref, atol=5e-6, rtol=0)
+  assert_close(out, ref)  # BERT's eps 1e-12 LayerNorms: round-off of values up to 5.4
   _assert_query_ffn_is_text_ffn(L.scan_to_unrolled(params["qformer"]))

@@ -24,13 +24,11 @@ from blip2_jax import testing
 from blip2_jax.models import qformer as Q
 from blip2_jax.train import optim, step as S
 from blip2_jax.weights import io
+from bounds import assert_close
 
 FROZEN_VIT, FROZEN_LLM = r"model/vision_model/.*", r"model/language_model/.*"
 BOS = 98  # [DEC] of testing.tiny_tokenizer("bert")
 SMALL = dict(vision_overrides=dict(num_hidden_layers=1), qformer_overrides=dict(num_hidden_layers=2))
-# params after one AdamW step: measured 6.0e-8 = one float32 ulp of a weight in [0.5, 1) (under
-# the suite's XLA flags, conftest.py; under 2e-8 at XLA's default optimisation level)
-ACCUM_LOSS_TOL, ACCUM_NORM_RTOL, ACCUM_PARAM_TOL = 2e-6, 5e-7, 6e-8
 
 
 # ----------------------------------------------------------------------------------------
@@ -284,11 +282,14 @@ def test_accumulation_equals_full_batch(stage2):
     state, m = jax.jit(S.make_train_step(loss_fn, tx, accum_steps=k))(state, batch, jax.random.PRNGKey(0))
     out[k] = (state, m)
   (s1, m1), (s2, m2) = out[1], out[2]
-  assert abs(float(m1["loss"]) - float(m2["loss"])) <= ACCUM_LOSS_TOL
-  assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=ACCUM_NORM_RTOL)
+  # Bounds: tests/bounds.py. Measured: loss and grad norm within float32 round-off; params after one
+  # AdamW step 6.0e-8 = one float32 ulp of a weight in [0.5, 1) (under 2e-8 at XLA's default
+  # optimisation level). Micro-batches weighted equally instead of by tokens move the grad norm by
+  # percents, far above the bound.
+  assert_close(float(m2["loss"]), float(m1["loss"]), "loss")
+  assert_close(float(m2["grad_norm"]) / float(m1["grad_norm"]), 1.0, "grad norm ratio")
   assert int(m1["num_tokens"]) == int(m2["num_tokens"]) == int((batch["labels"] != -100).sum())
-  diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(s1.trainable), jax.tree.leaves(s2.trainable)))
-  assert diff <= ACCUM_PARAM_TOL, diff
+  jax.tree.map(lambda a, b: assert_close(a, b, "params"), s2.trainable, s1.trainable)
   with pytest.raises(ValueError, match="not divisible by accum_steps"):
     jax.eval_shape(S.make_train_step(loss_fn, tx, accum_steps=3), s1, batch, jax.random.PRNGKey(0))
 
