@@ -81,6 +81,10 @@ def base(task: str) -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict(dict(label_smoothing=0.1, itc_full_gradient=False, prompt="",
                                           t5_prefix_ratio=0.5))
+  # stage 2 / caption, OPT and LLaMA: "lavis" masks LAVIS Blip2OPT's prompt_length, the prompt tokenised
+  # as given: with a trailing space ("a photo of ") that is also the caption's first token (byte-level
+  # BPE); "exact" masks the prompt's own tokens only. Equal for prompts without one ("a photo of").
+  c.loss.prompt_mask = "lavis"
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "annotations"     # annotations | array_record | tfds | shapes

@@ -59,7 +59,11 @@ def _lm_class(family: str):
 
 @dataclasses.dataclass(frozen=True)
 class Blip2Config:
-  """A BLIP-2 / InstructBLIP composite. `text` is None for the retrieval-only models."""
+  """A BLIP-2 / InstructBLIP composite. `text` is None for the retrieval-only models.
+
+  The eps of the norm between the ViT and the Q-Former is `vision.post_layernorm_eps`: None (HF
+  checkpoints: the vision `layer_norm_eps`, 1e-6) or 1e-5 after `weights.lavis.load_lavis` (LAVIS's
+  `ln_vision`); `to_hf` / `from_hf` carry it in the vision config (see vit.VisionConfig)."""
   vision: vit.VisionConfig
   qformer: qformer.QFormerConfig
   text: Any = None

@@ -3,7 +3,8 @@
 Pixel values are NHWC (B, H, W, C). Layout per block (pre-LN):
   x = x + projection(attn(qkv(layer_norm1(x))));  x = x + fc2(act(fc1(layer_norm2(x))))
 then `post_layernorm` on every token; pooler_output = post_layernorm(last_hidden_state[:, 0])
-(HF applies the final norm a second time to the CLS row, and so do we).
+(HF applies the final norm a second time to the CLS row, and so do we). `post_layernorm` is LAVIS's
+`ln_vision`; its eps is `VisionConfig.post_layernorm_eps` (see there: HF 1e-6, LAVIS 1e-5).
 
 qkv: one fused (embed, 3 * embed) kernel without bias, plus EVA's q_bias / v_bias (the k bias is
 zero). HF stores them as a single `qkv.bias` = [q_bias, k_bias, v_bias] of length 3 * embed, and
@@ -37,7 +38,15 @@ HF_IGNORE: list[str] = []
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """Every Blip2VisionConfig field that changes the computation, plus runtime fields."""
+  """Every Blip2VisionConfig field that changes the computation, plus runtime fields.
+
+  post_layernorm_eps: eps of the final norm only. None (HF checkpoints) means `layer_norm_eps`,
+  as HF's Blip2VisionModel computes (1e-6); `weights.lavis.load_lavis` sets 1e-5, the eps of
+  LAVIS's `ln_vision` (a default torch LayerNorm). HF's Blip2VisionConfig has no such field:
+  `to_hf` writes a value that differs from layer_norm_eps as an extra `post_layernorm_eps` key of
+  the vision config, which `from_hf` (so `from_pretrained`) reads back and transformers keeps on
+  the config but ignores (its model computes that norm with layer_norm_eps).
+  """
   hidden_size: int = 1408
   intermediate_size: int = 6144
   num_hidden_layers: int = 39
@@ -47,6 +56,7 @@ class VisionConfig:
   num_channels: int = 3  # HF hard-codes 3 input channels
   hidden_act: str = "gelu"
   layer_norm_eps: float = 1e-6
+  post_layernorm_eps: float | None = None
   qkv_bias: bool = True
   attention_dropout: float = 0.0
   initializer_range: float = 1e-10  # HF's default; only used for fresh initialisation
@@ -71,6 +81,11 @@ class VisionConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
+
+  @property
+  def post_eps(self) -> float:
+    """The eps `post_layernorm` computes with."""
+    return self.layer_norm_eps if self.post_layernorm_eps is None else self.post_layernorm_eps
 
   @property
   def grid(self) -> int:
@@ -113,11 +128,17 @@ class VisionConfig:
     for f in ("layer_norm_eps", "attention_dropout", "initializer_range"):
       if f in kw:
         kw[f] = float(kw[f])
+    post = get("post_layernorm_eps", None)  # our extra key (see the class docstring)
+    if post is not None:
+      kw["post_layernorm_eps"] = float(post)
     return cls(**kw, **runtime)
 
   def to_hf(self):
     from transformers import Blip2VisionConfig
-    return Blip2VisionConfig(**{f: getattr(self, f) for f in self._HF_FIELDS})
+    kw = {f: getattr(self, f) for f in self._HF_FIELDS}
+    if self.post_eps != self.layer_norm_eps:
+      kw["post_layernorm_eps"] = self.post_eps
+    return Blip2VisionConfig(**kw)
 
 
 def lavis_qkv_bias(q_bias: np.ndarray, v_bias: np.ndarray) -> np.ndarray:
@@ -312,7 +333,7 @@ class VisionModel(nn.Module):
     # `deterministic` is a layer attribute (static), so remat/scan never see a Python bool arg.
     x = L.LayerStack(EncoderLayer, {"config": cfg, "deterministic": deterministic},
                      cfg.num_hidden_layers, scan=cfg.scan, remat=cfg.remat, name="encoder")(x)
-    post = L.LayerNorm(eps=cfg.layer_norm_eps, dtype=L.dtype_of(cfg.dtype),
+    post = L.LayerNorm(eps=cfg.post_eps, dtype=L.dtype_of(cfg.dtype),
                        param_dtype=L.dtype_of(cfg.param_dtype), name="post_layernorm")
     last = post(x)
     pooled = post(last[:, 0])  # HF normalises the CLS row a second time

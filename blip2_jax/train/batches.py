@@ -4,7 +4,8 @@ Every array gets a fixed width (`max_txt_len`), so the train step compiles once.
   stage1 / retrieval: pixel_values + BERT input_ids / attention_mask (tokenised in the pipeline)
   stage2 / caption:   pixel_values + LLM input_ids / attention_mask / labels (losses.build_stage2_batch:
                       OPT caption + "\\n", LLaMA + EOS, T5 prefix-LM split), caption FT with a prompt
-                      (an InstructBLIP model also reads the prompt in its Q-Former)
+                      masked as `loss.prompt_mask` says (an InstructBLIP model also reads the prompt
+                      in its Q-Former)
   vqa:                a prefix LM: prompt "Question: {q} Answer:" ("Short answer:" for T5, as zero-shot
                       BLIP-2 VQA) and one answer per question, drawn from "answers" by annotator frequency
                       (`vqa_fields`); the loss is on the answer only (`prefix_lm_text`)
@@ -112,7 +113,8 @@ def make_batch_fn(config, setup):
   if task in ("stage2", "caption"):
     def lm(b, rng):
       text = losses.build_stage2_batch(ltok, [str(t) for t in b["text"]], family, prompt=config.loss.prompt,
-                                       max_len=width, prefix_ratio=config.loss.t5_prefix_ratio, rng=rng)
+                                       max_len=width, prefix_ratio=config.loss.t5_prefix_ratio, rng=rng,
+                                       prompt_mask=config.loss.get("prompt_mask", "lavis"))
       out = dict(_fixed(text, width, _pad_id(ltok)), pixel_values=b["image"])
       if instruct_model:  # the prompt is the InstructBLIP instruction (as at captioning time)
         out.update(qformer_text(qtok, [config.loss.prompt] * len(b["text"]), width))
@@ -138,6 +140,24 @@ def make_batch_fn(config, setup):
       return out
     return prefix_lm
   raise ValueError(f"unknown task {task!r}")
+
+
+def abstract_batch(config, setup, sharding=None) -> dict:
+  """The global model batch `make_batch_fn(config, setup)` gives, as jax.ShapeDtypeStructs (placed
+  in `sharding`): what the train step is compiled for ahead of time (python -m blip2_jax.aot)."""
+  import jax
+  b, w, size = int(config.global_batch_size), int(config.data.max_txt_len), int(config.model.image_size)
+  cfg = setup.model.config
+  text = ["input_ids", "attention_mask"]
+  if config.task not in ("stage1", "retrieval"):
+    text.append("labels")
+    if cfg.is_encoder_decoder:
+      text.append("decoder_attention_mask")
+    if cfg.instruct:
+      text += ["qformer_input_ids", "qformer_attention_mask"]
+  out = {"pixel_values": jax.ShapeDtypeStruct((b, size, size, 3), np.float32, sharding=sharding)}
+  out.update({k: jax.ShapeDtypeStruct((b, w), np.int32, sharding=sharding) for k in text})
+  return out
 
 
 def vqa_fields(record: dict, rng) -> dict:

@@ -257,19 +257,50 @@ def _tokenize(tokenizer, texts, max_len, append_eos=False):
   return [list(s)[:max_len] for s in seqs]
 
 
+PROMPT_MASKS = ("lavis", "exact")
+
+
+def _check_prompt_mask(prompt_mask: str) -> None:
+  if prompt_mask not in PROMPT_MASKS:
+    raise ValueError(f"prompt_mask must be one of {PROMPT_MASKS}, got {prompt_mask!r}")
+
+
+def prompt_length(tokenizer, prompt: str, prompt_mask: str = "lavis") -> int:
+  """How many leading tokens of a decoder-only stage-2 row carry no loss as the prompt's.
+
+  "lavis": LAVIS 1.0.2 Blip2OPT's `prompt_length`, the prompt tokenised alone exactly as given
+    (BOS included). LAVIS keeps two prompt strings: its text processor prepends "a photo of " (with
+    a space) to each caption, and the model's own prompt ("a photo of" in LAVIS's caption configs)
+    gives prompt_length. Given WITH a trailing space, byte-level BPE (OPT) makes that space a token
+    of its own, so LAVIS masks one token more: the caption's first token then carries no loss.
+  "exact": the prompt without trailing whitespace, so every caption token carries loss.
+  Both agree for a prompt without trailing whitespace ("a photo of", this repo's default); no
+  prompt masks nothing (LAVIS: `if self.prompt`).
+  """
+  _check_prompt_mask(prompt_mask)
+  if not prompt:
+    return 0
+  text = prompt if prompt_mask == "lavis" else prompt.rstrip()
+  return len(tokenizer([text], add_special_tokens=True)["input_ids"][0])
+
+
 def build_stage2_batch(tokenizer, captions: Sequence[str], family: str, *, prompt: str = "",
                        max_len: int = 32, prefix_ratio: float | None = 0.5,
-                       rng: np.random.Generator | None = None) -> dict:
+                       rng: np.random.Generator | None = None, prompt_mask: str = "lavis") -> dict:
   """Text part of a stage 2 batch (numpy; add pixel_values) from captions, right padded to the
   longest row and truncated to max_len as LAVIS.
 
   opt: tokens of prompt + caption + "\\n" (BOS first; "\\n" is id 50118 in OPT's BPE); labels
-    -100 on padding and on the prompt's tokens incl. BOS (LAVIS `prompt_length`). Without a prompt
-    LAVIS masks nothing but padding, so BOS is a target, predicted by the last query.
+    -100 on padding and on the first `prompt_length(tokenizer, prompt, prompt_mask)` tokens (BOS
+    included): by default LAVIS's count, which for a prompt with a trailing space ("a photo of ")
+    also masks the caption's first token; "exact" masks the prompt only. Without a prompt LAVIS
+    masks nothing but padding, so BOS is a target, predicted by the last query.
   llama: as opt but caption + EOS instead of "\\n" (LAVIS's Vicuna models append eos).
   t5: `split_caption` (prefix_ratio / rng); input_ids = prompt + prefix (+ </s> by the
-    tokenizer), labels = suffix (+ </s>), -100 padding, decoder_attention_mask as LAVIS.
+    tokenizer), labels = suffix (+ </s>), -100 padding, decoder_attention_mask as LAVIS (the
+    prompt is encoder input, so prompt_mask changes nothing).
   """
+  _check_prompt_mask(prompt_mask)
   if family in ("opt", "llama"):
     end = "\n" if family == "opt" else ""
     # LAVIS's text processor holds the prompt with its trailing space ("a photo of "); a prompt
@@ -278,7 +309,7 @@ def build_stage2_batch(tokenizer, captions: Sequence[str], family: str, *, promp
     seqs = _tokenize(tokenizer, [prompt + sep + c + end for c in captions], max_len,
                      append_eos=family == "llama")
     ids, mask = _pad(seqs, tokenizer.pad_token_id)
-    plen = len(_tokenize(tokenizer, [prompt.rstrip()], max_len)[0]) if prompt else 0
+    plen = prompt_length(tokenizer, prompt, prompt_mask)
     return {"input_ids": ids, "attention_mask": mask, "labels": lm_labels(ids, mask, plen)}
   if family == "t5":
     parts = [split_caption(c, prefix_ratio, rng) for c in captions]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,12 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, *, param_dtype=None
 
 
 def save_pretrained(model, params, path: str, *, dtype=None, max_shard_bytes: int = 5 * 2**30) -> None:
-  """Writes config.json + safetensors in the HF layout, loadable by transformers' from_pretrained."""
+  """Writes config.json + safetensors in the HF layout, loadable by transformers' from_pretrained.
+
+  A vision `post_layernorm_eps` other than the vision `layer_norm_eps` (LAVIS's `ln_vision`, 1e-5,
+  after `weights.lavis.load_lavis`) is written as an extra `vision_config.post_layernorm_eps` key:
+  `from_pretrained` reads it back; transformers loads the directory but computes that norm with
+  `layer_norm_eps` (it has no such field), and a warning says so."""
   from blip2_jax.models import blip2
 
   config = model.config
@@ -82,12 +88,23 @@ def save_pretrained(model, params, path: str, *, dtype=None, max_shard_bytes: in
   os.makedirs(path, exist_ok=True)
   io.save_state_dict(path, tensors, max_shard_bytes=max_shard_bytes)
   hf_cfg = config.to_hf()
+  _warn_post_eps(config, path)
   # config.json records the weights' dtype as transformers does (used by dtype="auto"): the
   # requested one, else that of the largest floating tensor (a bf16 load keeps an fp32 Q-Former).
   floats = [v for v in tensors.values() if jnp.issubdtype(v.dtype, jnp.floating)]
   if floats:
     hf_cfg.dtype = jnp.dtype(dtype).name if dtype is not None else max(floats, key=lambda v: v.size).dtype.name
   hf_cfg.save_pretrained(path)
+
+
+def _warn_post_eps(config, path: str) -> None:
+  vision = getattr(config, "vision", None)
+  if config.architecture == "Blip2TextModelWithProjection" or vision is None:
+    return
+  if vision.post_eps != vision.layer_norm_eps:
+    warnings.warn(f"{path}: vision post_layernorm eps {vision.post_eps:g} (LAVIS's ln_vision) is stored as "
+                  f"vision_config.post_layernorm_eps; blip2_jax reads it back, transformers ignores it and "
+                  f"computes that norm with layer_norm_eps {vision.layer_norm_eps:g}", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------

@@ -4,12 +4,24 @@ LAVIS names are renamed to the HF BLIP-2 layout here, then the HF name tables lo
 LAVIS stage-2 file holds no LLM weights (LAVIS reads the LLM from the hub), so the LLM comes
 from a separate HF directory; the architecture and sizes come from an HF BLIP-2 config.
 
-Differences worth knowing: LAVIS's `ln_vision` uses eps 1e-5 where HF's post_layernorm uses the
-vision eps (1e-6); we keep the config's value. `temp` and the Q-Former LM head
-(`Qformer.cls.predictions.*`) have no HF slot; `lavis_extras` returns them for training.
+What `load_lavis` sets so that the model computes what LAVIS computes:
+- `ln_vision` (HF's post_layernorm) is a default torch LayerNorm in LAVIS, eps 1e-5, where HF
+  uses the vision eps (1e-6): the loaded config gets `vision.post_layernorm_eps = 1e-5`.
+- LAVIS's runner saves only parameters with requires_grad, so a file written by a run with a
+  frozen ViT holds no `visual_encoder.*` (LAVIS reads the EVA ViT from `eva_vit_g.pth` first and
+  loads the checkpoint with strict=False over it). `vision=` gives that ViT: an `eva_vit_g.pth`-
+  layout file (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.*`) or an HF BLIP-2 /
+  Blip2VisionModel directory. `ln_vision` always comes from the checkpoint (it is trained).
+- Retrieval / text composites get the Q-Former text path (use_qformer_text_input, and the
+  vocabulary and position table sizes of the checkpoint's text embeddings, which LAVIS grows by
+  `[DEC]`), so a config that gives only the sizes loads a stage-1 file.
+`temp` and the Q-Former LM head (`Qformer.cls.predictions.*`) have no HF slot; `lavis_extras`
+returns them for training.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 
 import numpy as np
@@ -49,6 +61,12 @@ QV_BIAS = r"visual_encoder\.blocks\.(\d+)\.attn\.(q_bias|v_bias)"
 EXTRAS = (r"temp", r"Qformer\.cls\.predictions\..*")
 # Buffers LAVIS saves that carry no weights.
 DROP = (r".*position_ids", r".*relative_position_index")
+# eps of LAVIS's `ln_vision` (Blip2Base.init_vision_encoder: LayerNorm(num_features), torch's default)
+LN_VISION_EPS = 1e-5
+# Tensors of an EVA ViT file that LAVIS's VisionTransformer has no slot for (its final norm and
+# head are commented out; strict=False drops them): EVA's heads and the blocks past the model's
+# depth (EVA-CLIP-g has 40, BLIP-2 builds 39).
+EVA_UNUSED = (r"(norm|fc_norm|head)\..*", r"mask_token")
 
 
 def rename(lavis_state: dict) -> tuple[dict, list[str]]:
@@ -87,11 +105,19 @@ def lavis_extras(lavis_state: dict) -> dict:
   return {k: np.asarray(v) for k, v in lavis_state.items() if any(re.fullmatch(p, k) for p in EXTRAS)}
 
 
-def load_lavis(pth_path: str, config, *, llm_dir: str | None = None, mesh=None, axis_rules=None):
+def load_lavis(pth_path: str, config, *, llm_dir: str | None = None, vision: str | None = None,
+               mesh=None, axis_rules=None):
   """Loads a LAVIS `.pth` into the composite described by `config` (a blip2 Blip2Config).
 
-  Returns (model, params, extras). For conditional-generation configs `llm_dir` is the HF
-  OPT / T5 / LLaMA directory of the frozen LLM.
+  Returns (model, params, extras); `model.config` is `config` with LAVIS's settings (module
+  docstring): ln_vision eps 1e-5 and, for retrieval / text composites, the Q-Former text path.
+  For conditional-generation configs `llm_dir` is the HF OPT / T5 / LLaMA directory of the frozen
+  LLM. `vision`: where the ViT comes from when the checkpoint holds none (LAVIS's runner drops
+  the frozen ViT): an `eva_vit_g.pth`-layout file (blocks past the config's depth and EVA's heads
+  left out, as LAVIS's strict=False does) or an HF BLIP-2 / vision directory (its
+  `vision_model.*`, without post_layernorm); its position embeddings are resized bicubically to
+  the config's image size, as LAVIS's interpolate_pos_embed. Every other tensor is loaded
+  strictly: anything missing or unexpected is named in one CheckpointError.
   """
   from blip2_jax.models import blip2
 
@@ -105,6 +131,8 @@ def load_lavis(pth_path: str, config, *, llm_dir: str | None = None, mesh=None, 
   if unknown:
     raise io.CheckpointError(f"{pth_path}: {len(unknown)} tensors are not LAVIS BLIP-2 names: "
                              + ", ".join(unknown[:20]))
+  config = _lavis_config(config, hf_named)
+  hf_named.update(_vision_weights(pth_path, hf_named, vision, config))
   # LAVIS stage-2 Q-Formers may still carry the unused text FFN and embeddings of stage 1.
   needed = {r.hf for r in expand(blip2.hf_rules(config))}
   hf_named = {k: v for k, v in hf_named.items()
@@ -127,6 +155,93 @@ def load_lavis(pth_path: str, config, *, llm_dir: str | None = None, mesh=None, 
   params = io.load_params(reader, rules, abstract, mesh=mesh,
                           axis_rules=axis_rules, ignore=blip2.hf_ignore(config))
   return model, params, lavis_extras(state)
+
+
+def _lavis_config(config, hf_named: dict):
+  """`config` with what LAVIS computes: ln_vision's eps and, for the composites that read text in
+  the Q-Former, the text path sized by the checkpoint's (renamed) text embeddings."""
+  from blip2_jax.models import blip2
+  config = dataclasses.replace(
+      config, vision=dataclasses.replace(config.vision, post_layernorm_eps=LN_VISION_EPS))
+  if blip2.ARCHITECTURES[config.architecture] not in ("Blip2ForImageTextRetrieval",
+                                                      "Blip2TextModelWithProjection"):
+    return config
+  sizes = {}
+  for key, field in (("embeddings.word_embeddings.weight", "vocab_size"),
+                     ("embeddings.position_embeddings.weight", "max_position_embeddings")):
+    if key in hf_named:  # absent: the strict load names it
+      sizes[field] = int(hf_named[key].shape[0])
+  qformer = dataclasses.replace(config.qformer, use_qformer_text_input=True, **sizes)
+  return dataclasses.replace(config, qformer=qformer)
+
+
+def _vision_weights(pth_path: str, hf_named: dict, vision: str | None, config) -> dict:
+  """HF-named ViT tensors from `vision`, checked against what the checkpoint holds."""
+  from blip2_jax.models import blip2
+  has_vit = any(k.startswith("vision_model.") and not k.startswith("vision_model.post_layernorm.")
+                for k in hf_named)
+  if blip2.ARCHITECTURES[config.architecture] == "Blip2TextModelWithProjection":
+    if vision is not None:
+      raise ValueError(f"{config.architecture} has no vision model; drop vision=")
+    return {}
+  if vision is None:
+    if not has_vit:
+      raise ValueError(
+          f"{pth_path} holds no ViT (visual_encoder.*): LAVIS saves only trained parameters and "
+          "reads the frozen EVA ViT from eva_vit_g.pth; pass vision=<eva_vit_g.pth or an HF BLIP-2 "
+          "directory>")
+    return {}
+  if has_vit:
+    raise ValueError(f"{pth_path} already holds the ViT (visual_encoder.*); drop vision=")
+  out = _hf_vision(vision) if os.path.isdir(vision) else _eva_vision(vision, config.vision.num_hidden_layers)
+  return _fit_positions(out, config.vision)
+
+
+def _eva_vision(path: str, depth: int) -> dict:
+  """An `eva_vit_g.pth`-layout file (lavis/models/eva_vit.py: no `visual_encoder.` prefix)."""
+  raw = io.TorchReader(path)
+  if "cls_token" not in raw or "pos_embed" not in raw:
+    raise io.CheckpointError(f"{path} is not an EVA ViT file like eva_vit_g.pth (no cls_token / "
+                             f"pos_embed; first keys: {sorted(raw.keys())[:8]})")
+  state = {}
+  for k in raw.keys():
+    block = re.match(r"blocks\.(\d+)\.", k)
+    if (block and int(block.group(1)) >= depth) or any(re.fullmatch(p, k) for p in EVA_UNUSED):
+      continue
+    state["visual_encoder." + k] = raw.get(k)
+  out, unknown = rename(state)  # every rename of a visual_encoder.* name is a vision_model.* one
+  if unknown:
+    raise io.CheckpointError(f"{path}: {len(unknown)} tensors are not EVA ViT names: "
+                             + ", ".join(u.removeprefix("visual_encoder.") for u in unknown[:20]))
+  return out
+
+
+def _hf_vision(path: str) -> dict:
+  """`vision_model.*` of an HF BLIP-2 / InstructBLIP / Blip2VisionModel directory, without
+  post_layernorm (LAVIS's ln_vision is trained: the checkpoint holds it)."""
+  from blip2_jax.weights import towers
+  _, prefix = towers._vision_source(path)
+  reader = io.open_checkpoint(path)
+  return {"vision_model." + k[len(prefix):]: reader.get(k) for k in reader.keys()
+          if k.startswith(prefix) and not k.startswith(prefix + "post_layernorm.")}
+
+
+def _fit_positions(tensors: dict, vcfg) -> dict:
+  """Resizes the patch position embeddings to the config's grid (LAVIS's interpolate_pos_embed:
+  torch bicubic, align_corners=False; the CLS position unchanged)."""
+  import jax.numpy as jnp
+  from blip2_jax.models import vit
+  key = "vision_model.embeddings.position_embedding"
+  if key not in tensors:
+    return tensors
+  pos = np.asarray(tensors[key], np.float32)
+  n = pos.shape[1] - 1 if pos.ndim == 3 else -1
+  src = int(round(max(n, 0) ** 0.5))
+  if src * src != n or src == vcfg.grid:
+    return tensors  # the strict load reports a shape it cannot use
+  grid = jnp.asarray(pos[0, 1:].reshape(src, src, -1))
+  patches = np.asarray(vit.resize_bicubic(grid, (vcfg.grid, vcfg.grid))).reshape(1, vcfg.grid ** 2, -1)
+  return {**tensors, key: np.concatenate([pos[:, :1], patches], axis=1)}
 
 
 def qformer_head_params(extras: dict, model):
