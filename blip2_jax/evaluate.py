@@ -15,7 +15,7 @@ Annotation formats (JSON, or JSON Lines: one record per line):
 - vqa (VQAv2 accuracy, `vqa_accuracy`; BLIP-2 / InstructBLIP checkpoint):
   * LAVIS `vqav2` style: [{"image", "question", "answer": [10 human answers], "question_id"}, ...]
   * JSONL / JSON list of {"image", "question", "answers"}; answers may also be the official
-    [{"answer": ...}, ...] dicts; question_id is optional (default: the record index).
+    [{"answer": ...}, ...] dicts; question_id is optional (default: the record's index, from 0).
   Questions go through LAVIS's question processor (lower-cased, . ! " ( ) * # : ; ~ removed), then
   the BLIP-2 prompt; 5 beams, 1-10 new tokens, length_penalty -1.
 - retrieval (R@1/5/10 both ways, `retrieval_recall`; Blip2ForImageTextRetrieval checkpoint):
@@ -25,8 +25,13 @@ Annotation formats (JSON, or JSON Lines: one record per line):
   image's and each text's top --k (128), and recall uses the re-ranked i2t scores for image -> text
   (txt_r*) and t2i for text -> image (img_r*), as LAVIS.
 
-Errors name what is wrong: a task the checkpoint cannot do, an unreadable annotation file, a record
-missing a key (its index and the key), missing or unreadable images (the files).
+Bad input stops the run before the model loads, with one line on stderr and exit status 2: a task
+the checkpoint cannot do, a --model directory that is not a readable checkpoint, an unreadable
+annotation file, a record missing a key or holding the wrong type (named by where it is:
+"FILE:N" for line N of a JSON Lines file, "FILE: record N" for the N-th record of a JSON list; both
+count from 1), image files the annotations name that are missing, an --output that cannot be
+written. An image that exists but cannot be decoded stops the run when it is reached (one line
+naming the file, exit status 1); so does any other failure (`--debug` shows the traceback).
 
 From Python, the metric functions are here too:
 
@@ -40,6 +45,9 @@ import os
 import re
 import sys
 
+from blip2_jax.cli import options
+from blip2_jax.cli.options import GENERATION_ARCHS, RETRIEVAL_ARCH, UsageError
+from blip2_jax.data.sources import _type_name, location
 from blip2_jax.evaluation import coco_style_maps, evaluate_captions, retrieval_recall, vqa_accuracy  # noqa: F401
 from blip2_jax.evaluation.retrieval import ranks_i2t, ranks_t2i
 
@@ -75,6 +83,7 @@ def pre_question(question: str, max_words: int = 50) -> str:
 
 
 def _read(path: str):
+  """-> (parsed JSON, None), or (list of records, their file line numbers) for JSON Lines."""
   if not os.path.isfile(path):
     raise AnnotationError(f"annotation file not found: {path}")
   try:
@@ -83,96 +92,106 @@ def _read(path: str):
   except (OSError, UnicodeDecodeError) as e:
     raise AnnotationError(f"cannot read annotation file {path}: {e}") from e
   try:
-    return json.loads(text)
+    return json.loads(text), None
   except json.JSONDecodeError as first:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if len(lines) < 2:
       raise AnnotationError(f"{path} is not valid JSON: {first}") from first
-    out = []
+    out, numbers = [], []
     for n, ln in enumerate(text.splitlines(), 1):
       if ln.strip():
         try:
           out.append(json.loads(ln))
         except json.JSONDecodeError as e:
           raise AnnotationError(f"{path} is neither valid JSON ({first}) nor JSON Lines (line {n}: {e})") from e
-    return out
+        numbers.append(n)
+    return out, numbers
 
 
-def _records(data, path: str) -> list:
+def _records(data, lines, path: str) -> list[tuple[str, object]]:
+  """-> [(where, record)]: where is "FILE:N" (line N of a JSON Lines file) or "FILE: record N" (the
+  N-th record of a JSON list), as the fine-tuning validator (data.sources.location) names them."""
   if isinstance(data, dict) and "image" in data:  # a JSON Lines file of one record
-    return [data]
+    return [(location(path, "line", 1), data)]
   if isinstance(data, dict):
     for key in ("annotations", "data", "questions"):
       if isinstance(data.get(key), list):
-        return data[key]
-    raise AnnotationError(f"{path}: expected a list of records, got an object with keys {sorted(data)[:8]}")
+        data = data[key]
+        break
+    else:
+      raise AnnotationError(f"{path}: expected a list of records, got an object with keys {sorted(data)[:8]}")
   if not isinstance(data, list):
     raise AnnotationError(f"{path}: expected a list of records, got {type(data).__name__}")
   if not data:
     raise AnnotationError(f"{path} holds no records")
-  return data
+  if lines is not None:
+    return [(location(path, "line", n), r) for n, r in zip(lines, data)]
+  return [(location(path, "record", n), r) for n, r in enumerate(data, 1)]
 
 
-def _get(rec, i: int, key: str, path: str, types=None):
+def _get(rec, where: str, key: str, types=None):
   if not isinstance(rec, dict):
-    raise AnnotationError(f"{path}: record {i} is a {type(rec).__name__}, not an object")
+    raise AnnotationError(f"{where}: a {type(rec).__name__}, not an object")
   if key not in rec:
-    raise AnnotationError(f"{path}: record {i} has no {key!r} key (it has {sorted(rec)})")
+    raise AnnotationError(f"{where}: no {key!r} key (it has {sorted(rec)})")
   v = rec[key]
   if types is not None and not isinstance(v, types):
-    names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-    raise AnnotationError(f"{path}: record {i} {key!r} must be a {names}, not {type(v).__name__}")
+    names = " or ".join(_type_name(t()) for t in (types if isinstance(types, tuple) else (types,)))
+    raise AnnotationError(f"{where}: {key!r} must be {names}, not {_type_name(v)} ({json.dumps(v)[:40]})")
   return v
 
 
-def _str_list(v, i: int, key: str, path: str, inner: str | None = None) -> list[str]:
+def _str_list(v, where: str, key: str, inner: str | None = None) -> list[str]:
   out = []
   for x in ([v] if isinstance(v, str) else v):
     if inner is not None and isinstance(x, dict):
-      x = _get(x, i, inner, path)  # official VQA answers: [{"answer": ...}]
+      x = _get(x, where, inner)  # official VQA answers: [{"answer": ...}]
     if not isinstance(x, str):
-      raise AnnotationError(f"{path}: record {i} {key!r} must hold strings, found {type(x).__name__}")
+      raise AnnotationError(f"{where}: {key!r} must hold strings, found {_type_name(x)} ({json.dumps(x)[:40]})")
     out.append(x)
   if not out:
-    raise AnnotationError(f"{path}: record {i} {key!r} is empty")
+    raise AnnotationError(f"{where}: {key!r} is an empty list")
   return out
 
 
 def load_caption_annotations(path: str) -> list[dict]:
   """-> [{"image": relative path, "refs": [caption, ...]}] in file order, one per image."""
-  data = _read(path)
+  data, lines = _read(path)
   if isinstance(data, dict) and "images" in data and "annotations" in data:  # COCO captions_*.json
     files, order = {}, []
-    for i, im in enumerate(_records(data["images"], path)):
-      iid = _get(im, i, "id", path)
-      files[iid] = _get(im, i, "file_name", path, str)
+    for n, im in enumerate(data["images"] if isinstance(data["images"], list) else [], 1):
+      where = f"{path}: images record {n}"
+      iid = _get(im, where, "id")
+      files[iid] = _get(im, where, "file_name", str)
       order.append(iid)
     refs: dict = {}
-    for i, ann in enumerate(data["annotations"]):
-      iid = _get(ann, i, "image_id", path)
+    for n, ann in enumerate(data["annotations"] if isinstance(data["annotations"], list) else [], 1):
+      where = f"{path}: annotations record {n}"
+      iid = _get(ann, where, "image_id")
       if iid not in files:
-        raise AnnotationError(f"{path}: annotation {i} has image_id {iid!r}, which is not in 'images'")
-      refs.setdefault(iid, []).append(_get(ann, i, "caption", path, str))
+        raise AnnotationError(f"{where}: image_id {iid!r} is not in 'images'")
+      refs.setdefault(iid, []).append(_get(ann, where, "caption", str))
     out = [{"image": files[iid], "refs": refs[iid]} for iid in order if iid in refs]
     if not out:
       raise AnnotationError(f"{path}: no image has a caption")
     return out
   grouped: dict = {}
-  for i, rec in enumerate(_records(data, path)):
-    image = _get(rec, i, "image", path, str)
-    caps = _str_list(_get(rec, i, "caption", path, (str, list)), i, "caption", path)
+  for where, rec in _records(data, lines, path):
+    image = _get(rec, where, "image", str)
+    caps = _str_list(_get(rec, where, "caption", (str, list)), where, "caption")
     grouped.setdefault(image, []).extend(caps)
   return [{"image": k, "refs": v} for k, v in grouped.items()]
 
 
 def load_vqa_annotations(path: str) -> list[dict]:
-  """-> [{"question_id", "image", "question", "answers": [...]}] in file order."""
+  """-> [{"question_id", "image", "question", "answers": [...]}] in file order; question_id defaults to
+  the record's index in the file (from 0)."""
   out = []
-  for i, rec in enumerate(_records(_read(path), path)):
-    image = _get(rec, i, "image", path, str)
-    question = _get(rec, i, "question", path, str)
+  for i, (where, rec) in enumerate(_records(*_read(path), path)):
+    image = _get(rec, where, "image", str)
+    question = _get(rec, where, "question", str)
     key = "answers" if isinstance(rec, dict) and "answers" in rec else "answer"
-    answers = _str_list(_get(rec, i, key, path, (str, list)), i, key, path, inner="answer")
+    answers = _str_list(_get(rec, where, key, (str, list)), where, key, inner="answer")
     out.append({"question_id": rec.get("question_id", i), "image": image, "question": question,
                 "answers": answers})
   return out
@@ -181,9 +200,9 @@ def load_vqa_annotations(path: str) -> list[dict]:
 def load_retrieval_annotations(path: str) -> list[dict]:
   """-> [{"image": relative path, "captions": [...]}] in file order."""
   out = []
-  for i, rec in enumerate(_records(_read(path), path)):
-    image = _get(rec, i, "image", path, str)
-    caps = _str_list(_get(rec, i, "caption", path, (str, list)), i, "caption", path)
+  for where, rec in _records(*_read(path), path):
+    image = _get(rec, where, "image", str)
+    caps = _str_list(_get(rec, where, "caption", (str, list)), where, "caption")
     out.append({"image": image, "captions": caps})
   return out
 
@@ -193,7 +212,7 @@ def _image_paths(images_dir: str, rel: list[str]) -> list[str]:
   missing = sorted({p for p in paths if not os.path.isfile(p)})
   if missing:
     more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-    raise SystemExit(f"{len(missing)} image file(s) of the annotations not found under --images-dir "
+    raise UsageError(f"{len(missing)} image file(s) of the annotations not found under --images-dir "
                      f"{images_dir}: {', '.join(missing[:5])}{more}")
   return paths
 
@@ -234,16 +253,13 @@ def _run_retrieval(a, records, paths):
   import numpy as np
 
   import blip2_jax
-  from blip2_jax import inference, processing
+  from blip2_jax import inference
+  tok = options.load_tokenizer(a.model)
+  proc = options.load_image_processor(a.model)
   model, params = blip2_jax.from_pretrained(a.model)
-  if not hasattr(model, "itm_logits"):
-    raise SystemExit(f"{a.model} is a {model.config.architecture} checkpoint; retrieval needs a "
-                     "Blip2ForImageTextRetrieval one (e.g. Salesforce/blip2-itm-vit-g)")
-  try:
-    tok = processing.load_tokenizer(a.model)
-  except FileNotFoundError as e:
-    raise SystemExit(str(e)) from e
-  proc = processing.ImageProcessor.from_pretrained(a.model)
+  if not hasattr(model, "itm_logits"):  # config.json named no architecture
+    raise UsageError(f"--model {a.model} is a {model.config.architecture} checkpoint; retrieval needs a "
+                     f"{RETRIEVAL_ARCH} one (e.g. Salesforce/blip2-itm-vit-g)")
   bar = inference.progress_bar(len(paths), "loading images")
   px = []
   for p in paths:
@@ -281,66 +297,60 @@ def retrieval_metrics(i2t, t2i, txt2img, img2txt) -> dict[str, float]:
   return out
 
 
-def main(argv=None) -> int:
-  from blip2_jax import processing
-  from blip2_jax.caption import checkpoint_architecture, require_generation_checkpoint
-  p = argparse.ArgumentParser(prog="python -m blip2_jax.evaluate", description=__doc__.split("\n\n")[1])
+def parser():
+  p = options.Parser(prog="python -m blip2_jax.evaluate", description="\n\n".join(__doc__.split("\n\n")[1:4]),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--task", required=True, choices=TASKS)
   p.add_argument("--model", required=True, help="checkpoint directory with its tokenizer")
-  p.add_argument("--annotations", required=True, help="annotation file (formats: see the module doc)")
+  p.add_argument("--annotations", required=True, help="annotation file (formats above)")
   p.add_argument("--images-dir", required=True, help="image paths in the annotations are relative to it")
-  p.add_argument("--batch-size", type=int, default=None, help="default 8 (caption, vqa), 32 (retrieval)")
-  p.add_argument("--limit", type=int, default=None, help="only the first N images / questions")
-  p.add_argument("--output", help="write metrics and per-item predictions as JSON here")
+  p.add_argument("--batch-size", type=options.positive_int, default=None,
+                 help="images (retrieval: also texts and pairs) per compiled batch; default 8 (caption, vqa), "
+                      "32 (retrieval)")
+  p.add_argument("--limit", type=options.positive_int, default=None, help="only the first N images / questions")
+  p.add_argument("--output", help="write metrics and per-item predictions as JSON here (checked before any work)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="caption / vqa")
   g = p.add_argument_group("caption / vqa generation (default: LAVIS's settings for the task)")
-  g.add_argument("--num-beams", type=int)
-  g.add_argument("--max-new-tokens", type=int)
-  g.add_argument("--min-new-tokens", type=int)
+  g.add_argument("--num-beams", type=options.positive_int)
+  g.add_argument("--max-new-tokens", type=options.positive_int)
+  g.add_argument("--min-new-tokens", type=options.nonnegative_int)
   r = p.add_argument_group("retrieval")
-  r.add_argument("--k", type=int, default=128, help="candidates the ITM head re-ranks per query")
-  r.add_argument("--max-text-len", type=int, default=35)
-  a = p.parse_args(argv)
+  r.add_argument("--k", type=options.positive_int, default=128, help="candidates the ITM head re-ranks per query")
+  r.add_argument("--max-text-len", type=options.positive_int, default=35, help="tokens per caption (default 35)")
+  return p
+
+
+def main(argv=None) -> int:
+  return options.run(_main, argv)
+
+
+def _main(argv) -> int:
+  a = parser().parse_args(argv)
   if a.batch_size is None:
     a.batch_size = 32 if a.task == "retrieval" else 8
-  for name in ("batch_size", "limit", "num_beams", "max_new_tokens", "k", "max_text_len"):
-    v = getattr(a, name)
-    if v is not None and v < 1:
-      raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
-
-  # cheap checks first: checkpoint type, annotations, image files; then load the weights
-  if a.task == "retrieval":
-    if not os.path.isdir(a.model):
-      raise SystemExit(f"--model {a.model} is not a directory")
-    arch = checkpoint_architecture(a.model)
-    if arch is not None and arch != "Blip2ForImageTextRetrieval":
-      raise SystemExit(f"{a.model} is a {arch} checkpoint; retrieval needs a Blip2ForImageTextRetrieval "
-                       "one (e.g. Salesforce/blip2-itm-vit-g)")
-  else:
-    require_generation_checkpoint(a.model, f"{a.task} evaluation")
-  if not os.path.isdir(a.images_dir):
-    raise SystemExit(f"--images-dir {a.images_dir} is not a directory")
+  # cheap checks first: output, checkpoint, annotations, image files; then load the weights
+  options.check_output(a.output)
+  archs = (RETRIEVAL_ARCH,) if a.task == "retrieval" else GENERATION_ARCHS
+  options.check_checkpoint(a.model, archs=archs, task=f"{a.task} evaluation")
+  options.check_input_dir(a.images_dir, "--images-dir")
   loader = {"caption": load_caption_annotations, "vqa": load_vqa_annotations,
             "retrieval": load_retrieval_annotations}[a.task]
   try:
     records = loader(a.annotations)
   except AnnotationError as e:
-    raise SystemExit(str(e)) from e
+    raise UsageError(f"--annotations: {e}") from None
   if a.limit is not None:
     records = records[: a.limit]
   paths = _image_paths(a.images_dir, [r["image"] for r in records])
 
   run = {"caption": _run_caption, "vqa": _run_vqa, "retrieval": _run_retrieval}[a.task]
-  try:
-    metrics, preds = run(a, records, paths)
-  except processing.ImageLoadError as e:
-    raise SystemExit(str(e)) from e
+  metrics, preds = run(a, records, paths)
   for k, v in metrics.items():
     print(f"{k}\t{v:.4f}")
   if a.output:
-    with open(a.output, "w") as f:
-      json.dump({"task": a.task, "model": a.model, "annotations": a.annotations, "n": len(records),
-                 "metrics": metrics, "predictions": preds}, f, indent=1)
+    options.write_atomic(a.output, json.dumps({"task": a.task, "model": a.model, "annotations": a.annotations,
+                                               "n": len(records), "metrics": metrics, "predictions": preds},
+                                              indent=1))
   return 0
 
 

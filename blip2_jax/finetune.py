@@ -7,9 +7,19 @@ Data: JSONL, one record a line, image paths relative to --images-dir:
   caption   {"image": "rel/path.jpg", "caption": "a dog on a sofa"}       (a list of captions also works)
   vqa       {"image": "rel/path.jpg", "question": "what color is the sofa?", "answers": ["red", "red", "maroon"]}
   instruct  {"image": "rel/path.jpg", "instruction": "Describe the dog.", "response": "a small brown dog"}
-Both files are checked before anything is loaded or compiled (missing image files, empty text, unknown
-keys, records of the wrong kind); a bad file stops the run with a report naming every bad line (exit 2).
+Both files are checked before anything is loaded or compiled (image files missing or not images, text
+fields empty or of the wrong type, unknown keys, records of the wrong kind); a bad file stops the run with
+a report naming every bad line ("FILE:N", N the file line from 1; a JSON list: "FILE: record N", from 1).
 Optional keys: image_id, question_id, id, instance_id, dataset.
+
+Bad input exits with status 2 and one line on stderr (the data report: that line, then one per problem)
+before anything is loaded or created: a --model directory that is missing, empty, not a BLIP-2 /
+InstructBLIP checkpoint with a language model, without weights or tokenizer, or with a truncated
+model.safetensors; an annotation problem; a --set key that does not exist, comes from the checkpoint
+(model.num_query_tokens, ...) or holds a value training would fail on (global_batch_size=0,
+num_epochs=0, model.dtype=float8, ...); a --workdir that is a file or cannot be written. A failure
+during training exits with status 1 (`--debug` shows the traceback); a --workdir this run created and
+left without a file is removed.
 
 Start: --model is a HF directory (`save_pretrained` of blip2_jax or of transformers
 Blip2ForConditionalGeneration / InstructBlipForConditionalGeneration) holding the LLM tokenizer
@@ -52,18 +62,19 @@ import argparse
 import difflib
 import json
 import os
+import shutil
 import sys
+
+from blip2_jax.cli import options
+from blip2_jax.cli.options import GENERATION_ARCHS, UsageError
 
 TASKS = ("caption", "vqa", "instruct")
 # record kinds (data.sources.TEXT_SCHEMAS) each task trains / evaluates on
 TRAIN_KINDS = {"caption": ("caption",), "vqa": ("vqa",), "instruct": ("instruction", "caption")}
 VAL_KINDS = {"caption": ("caption",), "vqa": ("vqa",), "instruct": ("instruction",)}
+NO_LLM_ARCHS = ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection", "Blip2TextModelWithProjection")
 EVAL = {"caption": dict(num_beams=5, max_new_tokens=30), "vqa": dict(num_beams=5, max_new_tokens=10),
         "instruct": dict(num_beams=5, max_new_tokens=64)}
-
-
-class UsageError(ValueError):
-  """A problem with the command line, the checkpoint or the data: reported without a traceback."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -71,33 +82,34 @@ class UsageError(ValueError):
 
 
 def inspect_checkpoint(path: str) -> dict:
-  """{architecture, family, instruct, image_size, qformer_tokenizer} of a HF BLIP-2 directory, from its
-  config.json alone (nothing is loaded)."""
-  cfg_path = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise UsageError(f"--model {path}: no config.json (expected a save_pretrained directory of a BLIP-2 / "
-                     "InstructBLIP model)")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  mt = cfg.get("model_type")
-  if mt not in ("blip-2", "instructblip"):
-    raise UsageError(f"--model {path}: model_type {mt!r}, expected a BLIP-2 ('blip-2') or InstructBLIP "
-                     "('instructblip') checkpoint")
+  """{architecture, family, instruct, image_size, patch_size, num_query_tokens, cross_attention_frequency,
+  qformer_tokenizer} of a HF BLIP-2 directory, from its config.json and file list alone (nothing is
+  loaded); UsageError for a directory that cannot be fine-tuned."""
+  cfg = options.read_checkpoint_config(path)
   archs = cfg.get("architectures") or []
-  if not cfg.get("text_config") or any(a in ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection",
-                                             "Blip2TextModelWithProjection") for a in archs):
-    raise UsageError(f"--model {path}: {', '.join(archs) or mt} has no language model; fine-tuning for captions, "
-                     "VQA or instructions needs Blip2ForConditionalGeneration or InstructBlipForConditionalGeneration")
+  if not cfg.get("text_config") or any(a in NO_LLM_ARCHS for a in archs):
+    raise UsageError(f"--model {path}: {', '.join(archs) or cfg.get('model_type')} has no language model; "
+                     "fine-tuning for captions, VQA or instructions needs Blip2ForConditionalGeneration or "
+                     "InstructBlipForConditionalGeneration")
+  options.check_weights(path)
+  options.check_tokenizer(path)
   from blip2_jax import processing
-  family = processing.family_of(cfg)
-  instruct = mt == "instructblip"
+  try:
+    family = processing.family_of(cfg)
+  except ValueError as e:
+    raise UsageError(f"--model {path}: {e}") from None
+  instruct = cfg.get("model_type") == "instructblip"
   qtok = os.path.join(path, "qformer_tokenizer")
   if instruct and not os.path.isdir(qtok):
     raise UsageError(f"--model {path}: an InstructBLIP checkpoint needs its Q-Former (BERT) tokenizer in {qtok} "
                      "(InstructBlipProcessor.save_pretrained writes it there)")
-  image_size = int((cfg.get("vision_config") or {}).get("image_size", 224))
-  return dict(architecture="InstructBlipForConditionalGeneration" if instruct else "Blip2ForConditionalGeneration",
-              family=family, instruct=instruct, image_size=image_size, qformer_tokenizer=qtok if instruct else "")
+  vision = cfg.get("vision_config") or {}
+  qformer = cfg.get("qformer_config") or {}
+  return dict(architecture=GENERATION_ARCHS[1] if instruct else GENERATION_ARCHS[0], family=family,
+              instruct=instruct, image_size=int(vision.get("image_size", 224)),
+              patch_size=int(vision.get("patch_size", 14)), num_query_tokens=int(cfg.get("num_query_tokens", 32)),
+              cross_attention_frequency=int(qformer.get("cross_attention_frequency", 2)),
+              qformer_tokenizer=qtok if instruct else "")
 
 
 # ----------------------------------------------------------------------------------------
@@ -105,13 +117,16 @@ def inspect_checkpoint(path: str) -> dict:
 
 
 def check_data(path: str, images_dir: str, kinds, what: str) -> int:
-  """Validates an annotation file up front; raises UsageError with the report; returns its record count."""
+  """Validates an annotation file up front (records, and every image file's existence and header);
+  raises UsageError with the report; returns its record count."""
   from blip2_jax.data import sources
-  if not os.path.isfile(path):
-    raise UsageError(f"{what} {path}: file not found")
+  options.check_input_file(path, what)
   if not os.path.isdir(images_dir):
     raise UsageError(f"images directory {images_dir} (for {what} {path}) not found")
-  problems = sources.validate_annotations(path, images_dir, kinds=kinds)
+  try:
+    problems = sources.validate_annotations(path, images_dir, kinds=kinds, check_images=True)
+  except (ValueError, UnicodeDecodeError) as e:  # not JSON, JSON Lines or a COCO file at all
+    raise UsageError(f"{what} {path}: {e}") from None
   if problems:
     raise UsageError(sources.format_problems(problems, path) + f"\n(images are looked up under {images_dir})")
   n = len(sources.read_annotations(path))
@@ -147,6 +162,9 @@ def recipe(task: str, ckpt: dict):
   c.model.family = fam
   c.model.architecture = ckpt["architecture"]
   c.model.init = "pretrained"
+  # the checkpoint's own sizes (loading ignores the recipe's), so that --print-config tells the truth
+  c.model.num_query_tokens = ckpt["num_query_tokens"]
+  c.model.cross_attention_frequency = ckpt["cross_attention_frequency"]
   c.eval.update(EVAL[task])
   # fields some recipes lack: added here so that --set can reach them
   if "layer_decay" not in c.optim:
@@ -239,8 +257,69 @@ def apply_overrides(config, items) -> set[str]:
   return done
 
 
+# Fields that come from --model: fine-tuning keeps the checkpoint's architecture, so --set may not change them.
+CHECKPOINT_KEYS = ("model.init", "model.architecture", "model.family", "model.pretrained", "model.num_query_tokens",
+                   "model.cross_attention_frequency", "model.hf_config", "model.vision", "model.qformer_bert",
+                   "model.language_model")
+# Integer fields and their smallest valid value.
+INT_MINIMUM = {"global_batch_size": 1, "accum_steps": 1, "total_steps": 0, "num_epochs": 0, "log_every": 1,
+               "checkpoint_every": 1, "keep_checkpoints": 1, "model.image_size": 1, "data.max_txt_len": 1,
+               "optim.warmup_steps": 0, "eval.batch_size": 1, "eval.num_beams": 1, "eval.max_new_tokens": 1}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_overrides(items) -> None:
+  """UsageError for a --set of a field that comes from the checkpoint."""
+  for item in items:
+    key = item.partition("=")[0].strip()
+    owner = next((k for k in CHECKPOINT_KEYS if key == k or key.startswith(k + ".")), None)
+    if owner:
+      raise UsageError(f"--set {item}: comes from the checkpoint (--model); fine-tuning keeps its architecture"
+                       + ("" if owner == key else f" ({owner})"))
+
+
+def validate_config(c, over: set[str], ckpt: dict) -> None:
+  """UsageError naming the first field with a value training would fail on (after --set, before anything
+  is created): "--set KEY=VALUE: problem" for a field the user set, "config KEY=VALUE: problem" otherwise."""
+  def get(key):
+    node = c
+    for part in key.split("."):
+      node = node[part]
+    return node
+
+  def fail(key, problem):
+    raise UsageError(f"{'--set' if key in over else 'config'} {key}={_show(get(key))}: {problem}")
+
+  for key, low in INT_MINIMUM.items():
+    if int(get(key)) < low:
+      fail(key, f"must be at least {low}")
+  if int(c.total_steps) == 0 and int(c.num_epochs) < 1:
+    fail("num_epochs", "must be at least 1 (or set total_steps): the run would have no steps")
+  if int(c.global_batch_size) % int(c.accum_steps):
+    fail("accum_steps", f"must divide global_batch_size ({c.global_batch_size})")
+  for key in ("model.dtype", "model.frozen_dtype"):
+    if get(key) not in DTYPES:
+      fail(key, f"expected one of {', '.join(DTYPES)}")
+  from blip2_jax.models import layers
+  if c.model.remat not in layers.REMAT_POLICIES:
+    fail("model.remat", f"expected one of {', '.join(layers.REMAT_POLICIES)}")
+  if int(c.model.image_size) % ckpt["patch_size"]:
+    fail("model.image_size", f"must be a multiple of the checkpoint's patch size {ckpt['patch_size']}")
+  if not 0 <= float(c.optim.lr) < float("inf"):
+    fail("optim.lr", "must be a finite number >= 0")
+  if not 0 < float(c.optim.layer_decay) <= 1:
+    fail("optim.layer_decay", "must be in (0, 1]")
+  mesh = tuple(c.mesh)
+  if len(mesh) != 3 or any(not isinstance(m, int) or (m < 1 and m != -1) for m in mesh) or mesh.count(-1) > 1:
+    fail("mesh", "expected data,fsdp,tensor: three integers >= 1, one of them may be -1 (the remaining devices)")
+
+
+def _show(v) -> str:
+  return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+
 def build_config(args, ckpt: dict):
-  """The full training config: recipe + paths + per-epoch evaluation + --set overrides."""
+  """The full training config: recipe + paths + per-epoch evaluation + --set overrides, validated."""
   c = recipe(args.task, ckpt)
   c.model.pretrained = args.model
   c.tokenizer.llm = args.model
@@ -252,7 +331,9 @@ def build_config(args, ckpt: dict):
   c.data.eval_images_dir = os.path.abspath(args.val_images_dir or args.images_dir) if args.val else ""
   c.eval.num_records = 0  # all of --val
   warmup = int(c.optim.warmup_steps)
+  _check_overrides(args.set or [])
   over = apply_overrides(c, args.set or [])
+  validate_config(c, over, ckpt)
   from blip2_jax.data import sources
   records = len(sources.AnnotationSource.from_file(args.train, args.images_dir))  # caption lists expand
   per_epoch = records // int(c.global_batch_size)
@@ -278,9 +359,9 @@ def build_config(args, ckpt: dict):
 
 
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m blip2_jax.finetune", description=__doc__.split("\n\n")[0],
-                              epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = options.Parser(prog="python -m blip2_jax.finetune", description=__doc__.split("\n\n")[0],
+                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", required=True, help="HF directory of a BLIP-2 / InstructBLIP model (save_pretrained)")
   p.add_argument("--task", required=True, choices=TASKS)
   p.add_argument("--train", required=True, help="training annotations (JSONL, format below)")
@@ -294,30 +375,37 @@ def parser() -> argparse.ArgumentParser:
                       "model.image_size=224, mesh=1,8,1, frozen=model/language_model/.*, eval.num_beams=1, "
                       "model.dtype=float32, ... (see --print-config)")
   p.add_argument("--print-config", action="store_true", help="check the data, print the resolved config and exit")
-  p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps of this run (checkpointed)")
+  # the trainer's (absl) spellings are accepted too: --max_steps, --num_processes, --process_id
+  p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=options.positive_int, default=None,
+                 help="stop after this many steps of this run (checkpointed)")
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
   p.add_argument("--coordinator", default=None, help="host:port of process 0 (with --distributed)")
-  p.add_argument("--num-processes", type=int, default=None)
-  p.add_argument("--process-id", type=int, default=None)
+  p.add_argument("--num-processes", "--num_processes", dest="num_processes", type=options.positive_int, default=None,
+                 help="number of processes (with --distributed)")
+  p.add_argument("--process-id", "--process_id", dest="process_id", type=options.nonnegative_int, default=None,
+                 help="this process's index (with --distributed)")
   return p
 
 
 def main(argv=None) -> int:
+  return options.run(_main, argv)
+
+
+def _main(argv) -> int:
   args = parser().parse_args(argv)
-  try:
-    ckpt = inspect_checkpoint(args.model)
-    if args.images_dir is None:
-      args.images_dir = os.path.dirname(os.path.abspath(args.train))
-    n_train = check_data(args.train, args.images_dir, TRAIN_KINDS[args.task], "--train")
-    if args.val:
-      check_data(args.val, args.val_images_dir or args.images_dir, VAL_KINDS[args.task], "--val")
-    config, per_epoch, steps = build_config(args, ckpt)
-  except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  ckpt = inspect_checkpoint(args.model)
+  if args.images_dir is None:
+    args.images_dir = os.path.dirname(os.path.abspath(args.train))
+  n_train = check_data(args.train, args.images_dir, TRAIN_KINDS[args.task], "--train")
+  if args.val:
+    check_data(args.val, args.val_images_dir or args.images_dir, VAL_KINDS[args.task], "--val")
+  config, per_epoch, steps = build_config(args, ckpt)
   if args.print_config:
     print(config)
     return 0
+  options.check_new_dir(args.workdir, "--workdir")
+  if args.process_id is not None and args.num_processes is not None and args.process_id >= args.num_processes:
+    raise UsageError(f"--process-id {args.process_id}: must be below --num-processes {args.num_processes}")
   if args.task != "caption":
     where = "the Q-Former and the LLM" if ckpt["instruct"] else "the LLM only (a BLIP-2 Q-Former has no text input)"
     print(f"{ckpt['architecture']}: the {'question' if args.task == 'vqa' else 'instruction'} goes to {where}")
@@ -326,11 +414,23 @@ def main(argv=None) -> int:
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save step at INFO
   from blip2_jax import sharding
-  sharding.initialize_distributed(args.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
-                                  process_id=args.process_id)
   from blip2_jax.train import loop
-  loop.train(config, args.workdir, max_steps=args.max_steps)  # prints where the best and the final model went
+  created = not os.path.exists(args.workdir)
+  try:
+    sharding.initialize_distributed(args.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
+                                    process_id=args.process_id)
+    loop.train(config, args.workdir, max_steps=args.max_steps)  # prints where the best and the final model went
+  except BaseException:
+    if created:
+      _remove_if_empty(args.workdir)
+    raise
   return 0
+
+
+def _remove_if_empty(path: str) -> None:
+  """Removes a directory tree that holds no file: a run that failed before writing anything leaves nothing behind."""
+  if os.path.isdir(path) and not any(files for _, _, files in os.walk(path)):
+    shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,22 @@ Loads the directory with transformers (eager attention) and with blip2_jax, feed
 random image and text, prints max/mean abs diff per stage (vision, Q-Former, projection, LLM
 logits or retrieval scores) and exits with status 1 when any stage exceeds the threshold.
 Needs torch and transformers (`pip install -e .[test]`).
+
+Bad input (a --hf-dir that is missing, empty, not a BLIP-2 checkpoint, without weights or with a
+truncated model.safetensors; a --batch below 1 or a negative --threshold) stops before anything
+loads: one line on stderr, exit status 2. Any other failure: one line, exit status 1 (`--debug`
+shows the traceback).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax.cli import options
+
+LLM_ARCHS = ("Blip2Model", "Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration")
 DEFAULT_THRESHOLDS = {"float32": 1e-4, "bfloat16": 1.5e-1}
 
 
@@ -55,10 +62,10 @@ def _hf_forward(hf, config, inp, torch, interpolate=False):
   q = config.num_query_tokens
   out = {}
   with torch.no_grad():
-    if arch in ("Blip2Model", "Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration"):
+    if arch in LLM_ARCHS:
       if config.image_token_index is None:
-        raise SystemExit("config.image_token_index is unset: HF v5 then never inserts the query "
-                         "outputs, so there is nothing to compare the LLM against")
+        raise options.UsageError("config.image_token_index is unset: HF v5 then never inserts the query "
+                                 "outputs, so there is nothing to compare the LLM against")
       img = torch.full((ids.shape[0], q), config.image_token_index, dtype=ids.dtype)
       kw = dict(pixel_values=px, input_ids=torch.cat([img, ids], 1),
                 attention_mask=torch.cat([torch.ones_like(img), mask], 1),
@@ -95,7 +102,7 @@ def _our_forward(model, params, config, inp, interpolate=False):
   j = {k: jnp.asarray(v) for k, v in inp.items()}
   v = {"params": params}
   out = {}
-  if arch in ("Blip2Model", "Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration"):
+  if arch in LLM_ARCHS:
     kw = dict(pixel_values=j["pixel_values"], input_ids=j["input_ids"], attention_mask=j["attention_mask"],
               interpolate_pos_encoding=interpolate)
     if config.instruct:
@@ -190,19 +197,32 @@ def _report(title: str, rows, thr: float) -> list[str]:
   return bad
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m blip2_jax.parity", description=__doc__.split("\n\n")[0])
+def parser():
+  p = options.Parser(prog="python -m blip2_jax.parity", description=__doc__.split("\n\n")[0])
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--hf-dir", help="a transformers save_pretrained directory of a BLIP-2 class")
   src.add_argument("--tiny-random", choices=list(TINY) + ["all"],
                    help="build tiny random HF checkpoints locally (no download) and compare those")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--threshold", type=float, default=None,
+  p.add_argument("--threshold", type=options.nonnegative_float, default=None,
                  help="max abs diff allowed per stage (default: 1e-4 for float32, 0.15 for bfloat16)")
-  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--batch", type=options.positive_int, default=2, help="random inputs per stage (default 2)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--scan", action="store_true", help="load with scanned layers")
-  a = p.parse_args(argv)
+  return p
+
+
+def main(argv=None) -> int:
+  return options.run(_main, argv)
+
+
+def _main(argv) -> int:
+  a = parser().parse_args(argv)
+  if a.hf_dir:
+    cfg = options.check_checkpoint(a.hf_dir, flag="--hf-dir")
+    if options.architecture(cfg) in LLM_ARCHS and cfg.get("image_token_index", cfg.get("image_token_id")) is None:
+      raise options.UsageError(f"--hf-dir {a.hf_dir}: config.json sets no image_token_index: transformers 5 then "
+                               "never inserts the query outputs, so there is nothing to compare the LLM against")
   thr = a.threshold if a.threshold is not None else DEFAULT_THRESHOLDS[a.dtype]
   if a.hf_dir:
     runs = [(a.hf_dir, a.hf_dir)]

@@ -81,12 +81,14 @@ def test_tiny_random_retrieval_in_process(capsys):
   assert {"vision", "itc_logits_per_image", "itm_logits_per_image"} <= set(_table(out))
 
 
-def test_bad_arguments():
-  with pytest.raises(SystemExit) as e:
-    parity.main([])  # one of --hf-dir / --tiny-random is required
-  assert e.value.code == 2
-  with pytest.raises(SystemExit):
-    parity.main(["--tiny-random", "gpt2"])
+def test_bad_arguments(tmp_path, capsys):
+  """Bad input: exit status 2 and one line, before anything loads (tests/test_cli_errors.py has the rest)."""
+  assert parity.main([]) == 2  # one of --hf-dir / --tiny-random is required
+  assert parity.main(["--tiny-random", "gpt2"]) == 2
+  assert parity.main(["--hf-dir", str(tmp_path / "nope")]) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 3 and "--hf-dir --tiny-random is required" in err[0] and "invalid choice: 'gpt2'" in err[1]
+  assert err[2] == f"error: --hf-dir {tmp_path / 'nope'}: no such directory"
 
 
 def test_entry_point_subprocess():

@@ -47,8 +47,9 @@ _MAGIC = b"B2JR"
 # ----------------------------------------------------------------------------------------
 # annotation files
 # ----------------------------------------------------------------------------------------
-def _read_raw(path: str) -> list[tuple[int, Any]]:
-  """[(line_no, parsed object or Exception)]: JSONL physical line numbers, JSON list record numbers (1-based)."""
+def _read_raw(path: str) -> tuple[str, list[tuple[int, Any]]]:
+  """(unit, [(number, parsed object or Exception)]): unit "line" numbers JSONL physical file lines,
+  unit "record" numbers the records of a JSON list (COCO captions: its images that have captions); both from 1."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"annotation file not found: {path}")
@@ -63,17 +64,23 @@ def _read_raw(path: str) -> list[tuple[int, Any]]:
         out.append((n, json.loads(line)))
       except json.JSONDecodeError as e:
         out.append((n, ValueError(f"invalid JSON: {e}")))
-    return out
+    return "line", out
   data = json.loads(text)
   if isinstance(data, dict) and "images" in data and "annotations" in data:
-    return list(enumerate(_group_coco(data), 1))
+    return "record", list(enumerate(_group_coco(data), 1))
   if isinstance(data, dict) and "annotations" in data:  # some LAVIS files wrap the list
     data = data["annotations"]
   elif isinstance(data, dict) and "image" in data:  # a one-line JSONL file
-    data = [data]
+    return "line", [(1, data)]
   if not isinstance(data, list):
     raise ValueError(f"{path}: expected a JSON list of records, a COCO captions file or JSONL")
-  return list(enumerate(data, 1))
+  return "record", list(enumerate(data, 1))
+
+
+def location(path: str | os.PathLike, unit: str, n: int) -> str:
+  """Where a record is, for messages: "PATH:N" for line N of a JSONL file (as compilers write it),
+  "PATH: record N" for the N-th record of a JSON list; both count from 1."""
+  return f"{os.fspath(path)}:{n}" if unit == "line" else f"{os.fspath(path)}: record {n}"
 
 
 def _looks_jsonl(text: str) -> bool:
@@ -103,9 +110,10 @@ def read_annotations(path: str | os.PathLike) -> list[dict]:
   for a report of all problems at once).
   """
   out = []
-  for n, rec in _read_raw(os.fspath(path)):
+  unit, raw = _read_raw(os.fspath(path))
+  for n, rec in raw:
     if isinstance(rec, Exception) or not isinstance(rec, dict):
-      raise ValueError(f"{path}:{n}: {rec if isinstance(rec, Exception) else 'not a JSON object'}")
+      raise ValueError(f"{location(path, unit, n)}: {rec if isinstance(rec, Exception) else 'not a JSON object'}")
     out.append(rec)
   return out
 
@@ -118,12 +126,58 @@ def schema_of(record: dict) -> str | None:
   return None
 
 
-def _nonempty_text(v) -> bool:
+def _type_name(v) -> str:
+  return {str: "a string", list: "a list", dict: "an object", bool: "a boolean", int: "a number",
+          float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _text_problem(key: str, v) -> str | None:
+  """What is wrong with text field `key` (None when nothing): "caption" is a string or a list of
+  strings, "answers" a list of strings, the others a string; no text may be empty."""
+  if key == "answers":
+    if not isinstance(v, list):
+      return f'"answers" must be a list of strings, not {_type_name(v)}'
+  elif key == "caption":
+    if not isinstance(v, (str, list)):
+      return f'"caption" must be a string or a list of strings, not {_type_name(v)} ({json.dumps(v)[:40]})'
+  elif not isinstance(v, str):
+    return f'"{key}" must be a string, not {_type_name(v)} ({json.dumps(v)[:40]})'
   if isinstance(v, str):
-    return bool(v.strip())
-  if isinstance(v, (list, tuple)):
-    return bool(v) and all(isinstance(s, str) and s.strip() for s in v)
-  return False
+    return None if v.strip() else f'empty text in "{key}"'
+  if not v:
+    return f'"{key}" is an empty list'
+  bad = [x for x in v if not isinstance(x, str)]
+  if bad:
+    return f'"{key}" must hold strings, found {_type_name(bad[0])} ({json.dumps(bad[0])[:40]})'
+  if not all(x.strip() for x in v):
+    return f'empty text in "{key}"'
+  return None
+
+
+def _image_problem(rec: dict, root: str, check_files: bool) -> str | None:
+  if "image" not in rec:
+    return 'missing "image" path'
+  img = rec["image"]
+  if not isinstance(img, str):
+    return f'"image" must be a path string, not {_type_name(img)} ({json.dumps(img)[:60]})'
+  if not img.strip():
+    return 'empty "image" path'
+  if check_files:
+    full = os.path.join(root, img)
+    if not os.path.isfile(full):
+      return f"image file not found: {full}"
+  return None
+
+
+def _unreadable_image(path: str) -> str | None:
+  """Why the file at `path` is not an image Pillow can open (its header only: cheap), or None."""
+  import PIL.Image
+  try:
+    with PIL.Image.open(path) as im:
+      im.size  # noqa: B018 - the header is parsed on open; size is what every format has
+  except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+    return f"not a readable image: {path} ({type(e).__name__}: {e})"
+  return None
 
 
 # Keys people write by mistake -> what the format calls them (named in the "unknown keys" report).
@@ -131,26 +185,41 @@ KEY_HINTS = {"answer": "answers", "captions": "caption", "text": "caption", "ima
              "output": "response", "prompt": "instruction", "input": "instruction"}
 
 
+class Problems(list):
+  """[(number, problem)] from `validate_annotations`; `unit` says what the numbers count: "line"
+  (JSONL file lines) or "record" (records of a JSON list, or of a list of dicts), both from 1."""
+
+  def __init__(self, items=(), unit: str = "line"):
+    super().__init__(items)
+    self.unit = unit
+
+
 def validate_annotations(records: str | os.PathLike | Sequence[dict], images_dir: str | os.PathLike | None,
                          *, extra_keys: Iterable[str] = (), check_files: bool = True,
-                         kinds: Iterable[str] | None = None) -> list[tuple[int, str]]:
-  """Checks every record up front -> [(line_no, problem)], empty when all is well.
+                         check_images: bool = False, kinds: Iterable[str] | None = None) -> Problems:
+  """Checks every record up front -> Problems [(number, problem)], empty when all is well.
 
-  `records` is a path (line numbers are JSONL file lines, or 1-based record numbers in a JSON list)
-  or a list of dicts (1-based positions). Problems: invalid JSON, not an object, no "image", image
-  file missing (when `check_files`), no known text field, a required text field missing or empty,
-  "answers" not a list, fields of two record kinds in one record, a kind outside `kinds` (a subset
-  of TEXT_SCHEMAS: what the task trains on), unknown keys (anything outside the three schemas,
-  META_KEYS and `extra_keys`; a likely misspelling is named, e.g. "answer" -> "answers").
+  `records` is a path (numbers are JSONL file lines, or record numbers in a JSON list, from 1) or a
+  list of dicts (record numbers from 1); `Problems.unit` says which. Problems: invalid JSON, not an
+  object, no "image" or one that is not a path string, image file missing (when `check_files`) or
+  not an image Pillow can open (when `check_images`: reads each file's header only, so a file cut
+  short inside its pixel data still passes), no known text field, a required text field missing,
+  empty or of the wrong type ("caption": a string or a list of strings; "answers": a list of strings;
+  "question", "instruction", "response": a string), fields of two record kinds in one record, a kind
+  outside `kinds` (a subset of TEXT_SCHEMAS: what the task trains on), unknown keys (anything outside
+  the three schemas, META_KEYS and `extra_keys`; a likely misspelling is named, e.g. "answer" -> "answers").
   """
-  raw = _read_raw(os.fspath(records)) if isinstance(records, (str, os.PathLike)) else list(enumerate(records, 1))
+  if isinstance(records, (str, os.PathLike)):
+    unit, raw = _read_raw(os.fspath(records))
+  else:
+    unit, raw = "record", list(enumerate(records, 1))
   known = KNOWN_KEYS | set(extra_keys)
   allowed = None if kinds is None else tuple(kinds)
   for k in allowed or ():
     if k not in TEXT_SCHEMAS:
       raise ValueError(f"unknown record kind {k!r}; choose from {sorted(TEXT_SCHEMAS)}")
   root = os.fspath(images_dir) if images_dir is not None else ""
-  problems = []
+  problems = Problems(unit=unit)
   for n, rec in raw:
     if isinstance(rec, Exception):
       problems.append((n, str(rec)))
@@ -158,16 +227,16 @@ def validate_annotations(records: str | os.PathLike | Sequence[dict], images_dir
     if not isinstance(rec, dict):
       problems.append((n, f"not a JSON object ({type(rec).__name__})"))
       continue
-    img = rec.get("image")
-    if not isinstance(img, str) or not img:
-      problems.append((n, 'missing "image" path'))
-    elif check_files and not os.path.isfile(os.path.join(root, img)):
-      problems.append((n, f"image file not found: {os.path.join(root, img)}"))
+    img_problem = _image_problem(rec, root, check_files)
+    if img_problem is None and check_files and check_images:
+      img_problem = _unreadable_image(os.path.join(root, rec["image"]))
+    if img_problem is not None:
+      problems.append((n, img_problem))
     present = [name for name, keys in TEXT_SCHEMAS.items() if any(k in rec for k in keys)]
     schema = schema_of(rec)
     if len(present) > 1:
-      problems.append((n, f"mixes the fields of {' and '.join(present)} records "
-                          f"({', '.join(k for s in present for k in TEXT_SCHEMAS[s] if k in rec)}); one kind a line"))
+      fields = ", ".join(k for s in present for k in TEXT_SCHEMAS[s] if k in rec)
+      problems.append((n, f"mixes the fields of {' and '.join(present)} records ({fields}); one kind per record"))
     elif schema is None and present:
       schema = present[0]  # e.g. "answers" without "question": reported as a missing field below
     if schema is None:
@@ -179,10 +248,10 @@ def validate_annotations(records: str | os.PathLike | Sequence[dict], images_dir
       for k in TEXT_SCHEMAS[schema]:
         if k not in rec:
           problems.append((n, f'{schema} record without "{k}"'))
-        elif k == "answers" and not isinstance(rec[k], list):
-          problems.append((n, '"answers" must be a list of strings'))
-        elif not _nonempty_text(rec[k]):
-          problems.append((n, f'empty text in "{k}"'))
+        else:
+          why = _text_problem(k, rec[k])
+          if why:
+            problems.append((n, why))
     unknown = sorted(set(rec) - known)
     if unknown:
       hints = [f"{k} (did you mean {KEY_HINTS[k]!r}?)" if k in KEY_HINTS else k for k in unknown]
@@ -191,10 +260,12 @@ def validate_annotations(records: str | os.PathLike | Sequence[dict], images_dir
 
 
 def format_problems(problems: Sequence[tuple[int, str]], path: str, *, limit: int = 50) -> str:
-  """A report of `validate_annotations` problems, one "path:line: problem" per line (the first `limit`)."""
-  lines = sorted({n for n, _ in problems})
-  out = [f"{path}: {len(problems)} problem(s) on {len(lines)} line(s):"]
-  out += [f"  {path}:{n}: {p}" for n, p in problems[:limit]]
+  """A report of `validate_annotations` problems: a summary line, then one "PATH:LINE: problem" (JSONL)
+  or "PATH: record N: problem" (JSON list) line per problem (the first `limit`)."""
+  unit = getattr(problems, "unit", "line")
+  where = sorted({n for n, _ in problems})
+  out = [f"{path}: {len(problems)} problem(s) {'on' if unit == 'line' else 'in'} {len(where)} {unit}(s):"]
+  out += [f"  {location(path, unit, n)}: {p}" for n, p in problems[:limit]]
   if len(problems) > limit:
     out.append(f"  ... and {len(problems) - limit} more")
   return "\n".join(out)

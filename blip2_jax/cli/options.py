@@ -1,0 +1,293 @@
+"""What every command line shares: bad input is one line on stderr and exit status 2, checked before
+any weights load or any file is written; a failure during the work is one line and exit status 1; a
+Python traceback only with `--debug`.
+
+    def main(argv=None) -> int:
+      return options.run(_main, argv)
+
+    def _main(argv):
+      a = options.Parser(prog="python -m blip2_jax.x").parse_args(argv)   # adds --debug
+      options.check_output(a.output)                                      # before any work
+      options.check_checkpoint(a.model, archs=options.GENERATION_ARCHS, task="captioning")
+      ...                                                                 # raise UsageError(...) for bad input
+
+Exit statuses: 0 done, 1 the work failed (or, where a tool says so, finished with skipped inputs),
+2 bad input (flags, files, the checkpoint directory), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+BLIP2_MODEL_TYPES = ("blip-2", "instructblip")
+GENERATION_ARCHS = ("Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration")
+RETRIEVAL_ARCH = "Blip2ForImageTextRetrieval"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+QFORMER_HEAD_FILE = "qformer_lm_head.safetensors"  # stage-1 extras beside the weights, not the weights
+
+
+class UsageError(ValueError):
+  """Bad input: a flag, a file or a checkpoint directory. The message names the input and the problem."""
+
+
+class Failure(RuntimeError):
+  """The work failed (exit status 1); the message is the whole report."""
+
+
+# ----------------------------------------------------------------------------------------
+# running a command
+
+
+class Parser(argparse.ArgumentParser):
+  """An ArgumentParser whose errors are UsageErrors (one line, exit 2, no usage dump) and which has --debug."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+
+  def error(self, message):
+    raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def run(main, argv=None) -> int:
+  """`main(argv)` -> its exit status; UsageError -> "error: ..." and 2, any other exception -> one line
+  and 1, Ctrl-C -> 130. The traceback is printed only when argv holds --debug."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  debug = "--debug" in argv
+  try:
+    return main(argv)
+  except UsageError as e:
+    return _report(f"error: {e}", EXIT_USAGE, debug)
+  except KeyboardInterrupt:
+    return _report("interrupted", EXIT_INTERRUPTED, debug)
+  except Exception as e:  # noqa: BLE001 - every failure becomes one line (the traceback with --debug)
+    hint = "" if debug or _ours(e) else " (--debug shows the traceback)"
+    return _report(f"error: {describe(e)}{hint}", EXIT_FAILED, debug)
+
+
+def _report(line: str, code: int, debug: bool) -> int:
+  if debug:
+    traceback.print_exc()
+  sys.stdout.flush()
+  print(line, file=sys.stderr, flush=True)
+  return code
+
+
+def _ours(e: BaseException) -> bool:
+  """An error blip2_jax raises on purpose, whose message is the whole story (CheckpointError, ImageLoadError, ...)."""
+  return type(e).__module__.startswith("blip2_jax")
+
+
+def describe(e: BaseException) -> str:
+  """The message of our own errors as it is; other exceptions with their type (a bare "3" says nothing)."""
+  return str(e) if _ours(e) else f"{type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------------------
+# argparse types
+
+
+def _int(text: str) -> int:
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1."""
+  v = _int(text)
+  if v < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+  return v
+
+
+def nonnegative_int(text: str) -> int:
+  """argparse type: an integer >= 0."""
+  v = _int(text)
+  if v < 0:
+    raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
+  return v
+
+
+def nonnegative_float(text: str) -> float:
+  """argparse type: a finite number >= 0."""
+  try:
+    v = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not 0 <= v < float("inf"):
+    raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+  return v
+
+
+# ----------------------------------------------------------------------------------------
+# paths
+
+
+def check_output(path: str | None, flag: str = "--output") -> None:
+  """UsageError unless `path` can be written: not a directory, in an existing writable directory.
+  Called before any work, so that no result is computed only to be lost."""
+  if not path:
+    return
+  if os.path.isdir(path):
+    raise UsageError(f"{flag} {path}: is a directory; give a file path")
+  d = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(d):
+    raise UsageError(f"{flag} {path}: directory {d} does not exist")
+  if not os.access(d, os.W_OK | os.X_OK):
+    raise UsageError(f"{flag} {path}: directory {d} is not writable")
+  if os.path.exists(path) and not os.access(path, os.W_OK):
+    raise UsageError(f"{flag} {path}: the file exists and is not writable")
+
+
+def check_new_dir(path: str, flag: str) -> None:
+  """UsageError unless `path` is a writable directory or can be created (its nearest existing
+  ancestor is a writable directory). Nothing is created here; a URL (gs://...) is left to its filesystem."""
+  if "://" in path:
+    return
+  p = os.path.abspath(path)
+  if os.path.exists(p):
+    if not os.path.isdir(p):
+      raise UsageError(f"{flag} {path}: exists and is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+      raise UsageError(f"{flag} {path}: directory is not writable")
+    return
+  parent = os.path.dirname(p)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UsageError(f"{flag} {path}: cannot be created: {parent} is a file")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise UsageError(f"{flag} {path}: cannot be created: {parent} is not writable")
+
+
+def check_input_file(path: str, flag: str) -> None:
+  if not os.path.exists(path):
+    raise UsageError(f"{flag} {path}: file not found")
+  if not os.path.isfile(path):
+    raise UsageError(f"{flag} {path}: not a file")
+  if not os.access(path, os.R_OK):
+    raise UsageError(f"{flag} {path}: file is not readable")
+
+
+def check_input_dir(path: str, flag: str) -> None:
+  if not os.path.exists(path):
+    raise UsageError(f"{flag} {path}: directory not found")
+  if not os.path.isdir(path):
+    raise UsageError(f"{flag} {path}: not a directory")
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file in the same directory: a failure never leaves
+  a half-written file under the final name."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoint directories
+
+
+def read_checkpoint_config(path: str, flag: str = "--model") -> dict:
+  """DIR/config.json of a BLIP-2 / InstructBLIP save_pretrained directory; UsageError naming the problem
+  (missing, not a directory, empty, no or unreadable config.json, another model type)."""
+  if not os.path.exists(path):
+    raise UsageError(f"{flag} {path}: no such directory")
+  if not os.path.isdir(path):
+    raise UsageError(f"{flag} {path}: not a directory (expected a save_pretrained checkpoint directory)")
+  if not os.listdir(path):
+    raise UsageError(f"{flag} {path}: the directory is empty (expected a save_pretrained checkpoint directory)")
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise UsageError(f"{flag} {path}: no config.json (expected a save_pretrained directory of a BLIP-2 / "
+                     "InstructBLIP model)")
+  try:
+    with open(cfg_path, encoding="utf-8") as f:
+      cfg = json.load(f)
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    raise UsageError(f"{flag} {path}: config.json is not readable JSON ({e})") from None
+  if not isinstance(cfg, dict):
+    raise UsageError(f"{flag} {path}: config.json holds a JSON {type(cfg).__name__}, not an object")
+  mt = cfg.get("model_type")
+  if mt not in BLIP2_MODEL_TYPES:
+    archs = ", ".join(map(str, cfg.get("architectures") or [])) or "no architectures"
+    raise UsageError(f"{flag} {path}: config.json describes a {mt!r} model ({archs}), not a BLIP-2 / "
+                     "InstructBLIP checkpoint")
+  return cfg
+
+
+def architecture(cfg: dict) -> str | None:
+  """`architectures[0]` of a config.json dict (an InstructBLIP config without it can only generate)."""
+  archs = cfg.get("architectures") or []
+  if archs:
+    return str(archs[0])
+  return GENERATION_ARCHS[1] if cfg.get("model_type") == "instructblip" else None
+
+
+def check_weights(path: str, flag: str = "--model") -> None:
+  """UsageError when DIR has no weights file, or a safetensors file whose header does not fit its
+  size (truncated), or an index naming missing shards. Reads the headers only."""
+  files = [f for f in os.listdir(path) if f != QFORMER_HEAD_FILE]
+  if any(f.endswith(".safetensors") or f == WEIGHT_FILES[1] for f in files):
+    from blip2_jax.weights import io  # the same header checks as loading, without reading any tensor
+    try:
+      io.SafetensorsReader(path)
+    except io.CheckpointError as e:
+      raise UsageError(f"{flag} {path}: {e}") from None
+  elif WEIGHT_FILES[2] not in files:
+    raise UsageError(f"{flag} {path}: no weights file ({', '.join(WEIGHT_FILES)})")
+
+
+def check_checkpoint(path: str, *, flag: str = "--model", archs=None, task: str = "this command") -> dict:
+  """Everything about a checkpoint directory that can be checked without loading it -> its config.json.
+
+  `archs`: the architectures the command takes (None: any BLIP-2 class); another one is refused
+  naming both."""
+  cfg = read_checkpoint_config(path, flag)
+  arch = architecture(cfg)
+  if archs is not None and arch is not None and arch not in archs:
+    if tuple(archs) == GENERATION_ARCHS:
+      raise UsageError(f"{flag} {path} is a {arch} checkpoint, which has no language model; {task} needs a "
+                       f"{' or '.join(archs)} checkpoint (e.g. Salesforce/blip2-opt-2.7b)")
+    raise UsageError(f"{flag} {path} is a {arch} checkpoint; {task} needs a {' or '.join(archs)} one"
+                     + (" (e.g. Salesforce/blip2-itm-vit-g)" if RETRIEVAL_ARCH in archs else ""))
+  check_weights(path, flag)
+  return cfg
+
+
+def load_tokenizer(path: str, flag: str = "--model"):
+  """processing.load_tokenizer with a missing tokenizer as a UsageError (load it before the weights)."""
+  from blip2_jax import processing
+  try:
+    return processing.load_tokenizer(path)
+  except (FileNotFoundError, OSError, ValueError) as e:
+    raise UsageError(f"{flag}: {e}") from None
+
+
+def check_tokenizer(path: str, flag: str = "--model") -> None:
+  """UsageError when `path` holds no tokenizer files (cheap: nothing is loaded)."""
+  from blip2_jax import processing
+  if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, f)) for f in processing._TOKENIZER_FILES):
+    raise UsageError(f"{flag}: {path} holds no tokenizer files (looked for {', '.join(processing._TOKENIZER_FILES)}); "
+                     "save the tokenizer with the checkpoint (tokenizer.save_pretrained(dir))")
+
+
+def load_image_processor(path: str, flag: str = "--model"):
+  """processing.ImageProcessor.from_pretrained with unreadable settings as a UsageError (load it before the weights)."""
+  from blip2_jax import processing
+  try:
+    return processing.ImageProcessor.from_pretrained(path)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise UsageError(f"{flag} {path}: cannot read its image processor settings: {e}") from None
