@@ -6,14 +6,32 @@ def _reqs(path):
     return [l.strip() for l in f if l.strip() and not l.startswith(("#", "-r"))]
 
 
+# Every command-line tool, also runnable as `python -m blip2_jax.<module>`.
+COMMANDS = {
+    "blip2-caption": "blip2_jax.caption:main",
+    "blip2-vqa": "blip2_jax.vqa:main",
+    "blip2-retrieve": "blip2_jax.retrieve:main",
+    "blip2-evaluate": "blip2_jax.evaluate:main",
+    "blip2-parity": "blip2_jax.parity:main",
+    "blip2-train": "blip2_jax.train.__main__:main",
+    "blip2-finetune": "blip2_jax.finetune:main",
+    "blip2-demo": "blip2_jax.demo:main",
+    "blip2-aot": "blip2_jax.aot.__main__:main",
+    "blip2-convert": "blip2_jax.data.convert:main",
+}
+
 setup(
     name="blip2-jax",
     version="0.1.0",
     description="BLIP-2 in JAX/Flax: Hugging Face-compatible models, training and inference",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["blip2_jax", "blip2_jax.*"]),
+    # configs/ stays at the top of the repository; installed, the recipes are the package
+    # blip2_jax.configs (blip2_jax.recipes finds them in either place).
+    packages=find_packages(include=["blip2_jax", "blip2_jax.*"]) + ["blip2_jax.configs"],
+    package_dir={"blip2_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=_reqs("requirements.txt"),
     extras_require={"test": [r for r in _reqs("requirements-test.txt") if r not in _reqs("requirements.txt")]},
+    entry_points={"console_scripts": [f"{name} = {target}" for name, target in COMMANDS.items()]},
 )

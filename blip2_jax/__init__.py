@@ -1,7 +1,7 @@
 """blip2-jax: BLIP-2 (Li et al. 2023) in JAX/Flax, loading and saving Hugging Face checkpoints.
 
     import blip2_jax
-    model, params = blip2_jax.from_pretrained(path, dtype=jnp.float32)
+    model, params = blip2_jax.from_pretrained("Salesforce/blip2-opt-2.7b", dtype=jnp.float32)  # or a directory
     out = model.apply({"params": params}, pixel_values=x, input_ids=ids, attention_mask=mask)
 """
 from blip2_jax.weights.hf import from_pretrained, save_pretrained  # noqa: F401

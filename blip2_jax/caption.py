@@ -121,7 +121,7 @@ def report_skipped(errors, names) -> None:
 def parser():
   from blip2_jax import inference
   p = options.Parser(prog="python -m blip2_jax.caption", description=__doc__.split("\n\n")[1])
-  p.add_argument("--model", required=True, help="a BLIP-2 / InstructBLIP checkpoint directory with its tokenizer")
+  options.add_model_arg(p, "a BLIP-2 / InstructBLIP checkpoint directory with its tokenizer", required=True)
   p.add_argument("images", nargs="*", metavar="IMAGE", help="image files")
   p.add_argument("--images-dir", help="caption every image in this directory too")
   p.add_argument("--prompt", default=None, help='text the caption continues (default "a photo of"; "" for none)')
@@ -139,6 +139,7 @@ def _main(argv) -> int:
   opts = generation_options(a)
   options.check_output(a.output)
   paths, names = image_inputs(a.images, a.images_dir)
+  a.model = options.model_dir(a.model, revision=a.revision)
   cfg = options.check_checkpoint(a.model, archs=GENERATION_ARCHS + (RETRIEVAL_ARCH,), task="captioning")
   if options.architecture(cfg) == RETRIEVAL_ARCH:  # stage 1: the Q-Former's LM head
     check_stage1_checkpoint(a.model, a.prompt)

@@ -301,7 +301,7 @@ def parser():
   p = options.Parser(prog="python -m blip2_jax.evaluate", description="\n\n".join(__doc__.split("\n\n")[1:4]),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--task", required=True, choices=TASKS)
-  p.add_argument("--model", required=True, help="checkpoint directory with its tokenizer")
+  options.add_model_arg(p, "checkpoint directory with its tokenizer", required=True)
   p.add_argument("--annotations", required=True, help="annotation file (formats above)")
   p.add_argument("--images-dir", required=True, help="image paths in the annotations are relative to it")
   p.add_argument("--batch-size", type=options.positive_int, default=None,
@@ -330,6 +330,7 @@ def _main(argv) -> int:
     a.batch_size = 32 if a.task == "retrieval" else 8
   # cheap checks first: output, checkpoint, annotations, image files; then load the weights
   options.check_output(a.output)
+  model_arg, a.model = a.model, options.model_dir(a.model, revision=a.revision)
   archs = (RETRIEVAL_ARCH,) if a.task == "retrieval" else GENERATION_ARCHS
   options.check_checkpoint(a.model, archs=archs, task=f"{a.task} evaluation")
   options.check_input_dir(a.images_dir, "--images-dir")
@@ -348,7 +349,7 @@ def _main(argv) -> int:
   for k, v in metrics.items():
     print(f"{k}\t{v:.4f}")
   if a.output:
-    options.write_atomic(a.output, json.dumps({"task": a.task, "model": a.model, "annotations": a.annotations,
+    options.write_atomic(a.output, json.dumps({"task": a.task, "model": model_arg, "annotations": a.annotations,
                                                "n": len(records), "metrics": metrics, "predictions": preds},
                                               indent=1))
   return 0

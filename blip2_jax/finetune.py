@@ -1,7 +1,7 @@
 r"""Fine-tune a BLIP-2 / InstructBLIP checkpoint on your own images: captions, VQA or instructions.
 
-    python -m blip2_jax.finetune --model blip2-opt-2.7b --task caption --train train.jsonl --val val.jsonl \
-        --images-dir images/ --workdir runs/caps [--set optim.lr=2e-5 --set global_batch_size=64 ...]
+    python -m blip2_jax.finetune --model Salesforce/blip2-opt-2.7b --task caption --train train.jsonl \
+        --val val.jsonl --images-dir images/ --workdir runs/caps [--set optim.lr=2e-5 --set global_batch_size=64 ...]
 
 Data: JSONL, one record a line, image paths relative to --images-dir:
   caption   {"image": "rel/path.jpg", "caption": "a dog on a sofa"}       (a list of captions also works)
@@ -23,7 +23,9 @@ left without a file is removed.
 
 Start: --model is a HF directory (`save_pretrained` of blip2_jax or of transformers
 Blip2ForConditionalGeneration / InstructBlipForConditionalGeneration) holding the LLM tokenizer
-(InstructBLIP: the Q-Former's BERT tokenizer in DIR/qformer_tokenizer, as InstructBlipProcessor saves it).
+(InstructBLIP: the Q-Former's BERT tokenizer in DIR/qformer_tokenizer, as InstructBlipProcessor saves it),
+or a Hugging Face Hub id (Salesforce/blip2-opt-2.7b, --revision for a branch, tag or commit) resolved
+through the Hugging Face cache.
 
 Recipes (every field overridable with --set; --print-config shows the result):
   caption   configs/caption_ft.py (LAVIS caption_coco_ft): lr 1e-5, 5 epochs, batch 256, 364 px, ViT and
@@ -62,7 +64,6 @@ import argparse
 import difflib
 import json
 import os
-import shutil
 import sys
 
 from blip2_jax.cli import options
@@ -261,11 +262,6 @@ def apply_overrides(config, items) -> set[str]:
 CHECKPOINT_KEYS = ("model.init", "model.architecture", "model.family", "model.pretrained", "model.num_query_tokens",
                    "model.cross_attention_frequency", "model.hf_config", "model.vision", "model.qformer_bert",
                    "model.language_model")
-# Integer fields and their smallest valid value.
-INT_MINIMUM = {"global_batch_size": 1, "accum_steps": 1, "total_steps": 0, "num_epochs": 0, "log_every": 1,
-               "checkpoint_every": 1, "keep_checkpoints": 1, "model.image_size": 1, "data.max_txt_len": 1,
-               "optim.warmup_steps": 0, "eval.batch_size": 1, "eval.num_beams": 1, "eval.max_new_tokens": 1}
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check_overrides(items) -> None:
@@ -281,41 +277,8 @@ def _check_overrides(items) -> None:
 def validate_config(c, over: set[str], ckpt: dict) -> None:
   """UsageError naming the first field with a value training would fail on (after --set, before anything
   is created): "--set KEY=VALUE: problem" for a field the user set, "config KEY=VALUE: problem" otherwise."""
-  def get(key):
-    node = c
-    for part in key.split("."):
-      node = node[part]
-    return node
-
-  def fail(key, problem):
-    raise UsageError(f"{'--set' if key in over else 'config'} {key}={_show(get(key))}: {problem}")
-
-  for key, low in INT_MINIMUM.items():
-    if int(get(key)) < low:
-      fail(key, f"must be at least {low}")
-  if int(c.total_steps) == 0 and int(c.num_epochs) < 1:
-    fail("num_epochs", "must be at least 1 (or set total_steps): the run would have no steps")
-  if int(c.global_batch_size) % int(c.accum_steps):
-    fail("accum_steps", f"must divide global_batch_size ({c.global_batch_size})")
-  for key in ("model.dtype", "model.frozen_dtype"):
-    if get(key) not in DTYPES:
-      fail(key, f"expected one of {', '.join(DTYPES)}")
-  from blip2_jax.models import layers
-  if c.model.remat not in layers.REMAT_POLICIES:
-    fail("model.remat", f"expected one of {', '.join(layers.REMAT_POLICIES)}")
-  if int(c.model.image_size) % ckpt["patch_size"]:
-    fail("model.image_size", f"must be a multiple of the checkpoint's patch size {ckpt['patch_size']}")
-  if not 0 <= float(c.optim.lr) < float("inf"):
-    fail("optim.lr", "must be a finite number >= 0")
-  if not 0 < float(c.optim.layer_decay) <= 1:
-    fail("optim.layer_decay", "must be in (0, 1]")
-  mesh = tuple(c.mesh)
-  if len(mesh) != 3 or any(not isinstance(m, int) or (m < 1 and m != -1) for m in mesh) or mesh.count(-1) > 1:
-    fail("mesh", "expected data,fsdp,tensor: three integers >= 1, one of them may be -1 (the remaining devices)")
-
-
-def _show(v) -> str:
-  return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+  from blip2_jax.train import validate
+  validate.check_values(c, overridden=over, prefix="--set ", patch_size=ckpt["patch_size"])
 
 
 def build_config(args, ckpt: dict):
@@ -362,7 +325,7 @@ def parser() -> argparse.ArgumentParser:
   p = options.Parser(prog="python -m blip2_jax.finetune", description=__doc__.split("\n\n")[0],
                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", required=True, help="HF directory of a BLIP-2 / InstructBLIP model (save_pretrained)")
+  options.add_model_arg(p, "HF directory of a BLIP-2 / InstructBLIP model (save_pretrained)", required=True)
   p.add_argument("--task", required=True, choices=TASKS)
   p.add_argument("--train", required=True, help="training annotations (JSONL, format below)")
   p.add_argument("--val", default="", help="validation annotations (JSONL), evaluated every epoch; "
@@ -393,12 +356,13 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
   args = parser().parse_args(argv)
-  ckpt = inspect_checkpoint(args.model)
   if args.images_dir is None:
     args.images_dir = os.path.dirname(os.path.abspath(args.train))
   n_train = check_data(args.train, args.images_dir, TRAIN_KINDS[args.task], "--train")
   if args.val:
     check_data(args.val, args.val_images_dir or args.images_dir, VAL_KINDS[args.task], "--val")
+  args.model = options.model_dir(args.model, revision=args.revision)  # after the cheap checks: it may download
+  ckpt = inspect_checkpoint(args.model)
   config, per_epoch, steps = build_config(args, ckpt)
   if args.print_config:
     print(config)
@@ -422,15 +386,9 @@ def _main(argv) -> int:
     loop.train(config, args.workdir, max_steps=args.max_steps)  # prints where the best and the final model went
   except BaseException:
     if created:
-      _remove_if_empty(args.workdir)
+      options.remove_if_empty(args.workdir)
     raise
   return 0
-
-
-def _remove_if_empty(path: str) -> None:
-  """Removes a directory tree that holds no file: a run that failed before writing anything leaves nothing behind."""
-  if os.path.isdir(path) and not any(files for _, _, files in os.walk(path)):
-    shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

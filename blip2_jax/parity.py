@@ -200,9 +200,11 @@ def _report(title: str, rows, thr: float) -> list[str]:
 def parser():
   p = options.Parser(prog="python -m blip2_jax.parity", description=__doc__.split("\n\n")[0])
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--hf-dir", help="a transformers save_pretrained directory of a BLIP-2 class")
+  src.add_argument("--hf-dir", help="a transformers save_pretrained directory of a BLIP-2 class, or a Hugging Face "
+                   "Hub id (Salesforce/blip2-opt-2.7b) read from (or fetched into) the Hugging Face cache")
   src.add_argument("--tiny-random", choices=list(TINY) + ["all"],
                    help="build tiny random HF checkpoints locally (no download) and compare those")
+  p.add_argument("--revision", default=None, help="with a Hub id as --hf-dir: its branch, tag or commit")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--threshold", type=options.nonnegative_float, default=None,
                  help="max abs diff allowed per stage (default: 1e-4 for float32, 0.15 for bfloat16)")
@@ -219,13 +221,14 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
   a = parser().parse_args(argv)
   if a.hf_dir:
-    cfg = options.check_checkpoint(a.hf_dir, flag="--hf-dir")
+    hf_dir = options.model_dir(a.hf_dir, "--hf-dir", a.revision)
+    cfg = options.check_checkpoint(hf_dir, flag="--hf-dir")
     if options.architecture(cfg) in LLM_ARCHS and cfg.get("image_token_index", cfg.get("image_token_id")) is None:
       raise options.UsageError(f"--hf-dir {a.hf_dir}: config.json sets no image_token_index: transformers 5 then "
                                "never inserts the query outputs, so there is nothing to compare the LLM against")
   thr = a.threshold if a.threshold is not None else DEFAULT_THRESHOLDS[a.dtype]
   if a.hf_dir:
-    runs = [(a.hf_dir, a.hf_dir)]
+    runs = [(a.hf_dir, hf_dir)]
     tmp = None
   else:
     import tempfile

@@ -133,10 +133,12 @@ class ImageProcessor:
             f"std={self.image_std})")
 
   @classmethod
-  def from_pretrained(cls, path: str | os.PathLike) -> "ImageProcessor":
+  def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None) -> "ImageProcessor":
     """From `preprocessor_config.json` (HF layout) when the directory has one, else from
-    `config.json`: the vision tower's `image_size` (224 when absent) with the BLIP-2 defaults."""
-    path = os.fspath(path)
+    `config.json`: the vision tower's `image_size` (224 when absent) with the BLIP-2 defaults.
+    `path` may be a Hugging Face Hub id (blip2_jax.hub)."""
+    from blip2_jax import hub
+    path = hub.resolve(path, revision=revision)
     if not os.path.isdir(path):
       raise FileNotFoundError(f"{path} is not a directory (expected a BLIP-2 checkpoint directory)")
     pp = os.path.join(path, "preprocessor_config.json")
@@ -212,12 +214,14 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
                     "vocab.txt", "merges.txt", "sentencepiece.bpe.model")
 
 
-def load_tokenizer(path: str | os.PathLike, **kwargs):
-  """The LLM tokenizer saved in a checkpoint directory (`AutoTokenizer.from_pretrained(path)`, local only).
+def load_tokenizer(path: str | os.PathLike, *, revision: str | None = None, **kwargs):
+  """The LLM tokenizer saved in a checkpoint directory (`AutoTokenizer.from_pretrained(path)`, local only;
+  a Hugging Face Hub id is resolved to its cached snapshot first, see blip2_jax.hub).
 
   Raises FileNotFoundError naming the directory when it holds no tokenizer files.
   """
-  path = os.fspath(path)
+  from blip2_jax import hub
+  path = hub.resolve(path, revision=revision)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer directory not found: {path}")
   present = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]

@@ -91,7 +91,7 @@ def print_rankings(title: str, queries: list[str], candidates: list[str], scores
 
 def parser():
   p = options.Parser(prog="python -m blip2_jax.retrieve", description="\n\n".join(__doc__.split("\n\n")[1:3]))
-  p.add_argument("--model", required=True, help="a Blip2ForImageTextRetrieval checkpoint directory")
+  options.add_model_arg(p, "a Blip2ForImageTextRetrieval checkpoint directory", required=True)
   p.add_argument("--images-dir", required=True, help="rank every image in this directory (not recursive)")
   p.add_argument("--texts", required=True, help="a text file, one caption per line")
   p.add_argument("--k", type=options.positive_int, default=128,
@@ -114,6 +114,7 @@ def _main(argv) -> int:
   options.check_output(a.output)
   images = list_images(a.images_dir)
   texts = read_texts(a.texts)
+  a.model = options.model_dir(a.model, revision=a.revision)
   options.check_checkpoint(a.model, archs=(RETRIEVAL_ARCH,), task="retrieval")
   tok = options.load_tokenizer(a.model)
   from blip2_jax.caption import report_skipped

@@ -25,7 +25,7 @@ def parser():
   from blip2_jax import inference
   from blip2_jax.caption import add_generation_args
   p = options.Parser(prog="python -m blip2_jax.vqa", description=__doc__.split("\n\n")[1])
-  p.add_argument("--model", required=True, help="a BLIP-2 / InstructBLIP checkpoint directory with its tokenizer")
+  options.add_model_arg(p, "a BLIP-2 / InstructBLIP checkpoint directory with its tokenizer", required=True)
   p.add_argument("--image", required=True, action="append",
                  help="the image file the questions are about (one a run)")
   p.add_argument("--question", required=True, action="append", help="repeat for several questions")
@@ -61,6 +61,7 @@ def _main(argv) -> int:
     image = processing.load_image(image_path)
   except processing.ImageLoadError as e:
     raise UsageError(f"--image: {e}") from None
+  a.model = options.model_dir(a.model, revision=a.revision)
   model, params, tok, qtok, proc = load_generation_checkpoint(a.model, a.dtype, "VQA")
   from blip2_jax import inference
   answers = inference.answer(model, params, tok, [image], questions, batch_size=a.batch_size, progress=True,

@@ -258,7 +258,7 @@ def test_finetune_config_values_refused_before_the_workdir(root, tmp_path, capsy
                            ("num_epochs=0", "must be at least 1 (or set total_steps)"),
                            ("model.dtype=float8", "expected one of float32, bfloat16, float16"),
                            ("model.num_query_tokens=8", "comes from the checkpoint"),
-                           ("model.image_size=30", "must be a multiple of the checkpoint's patch size 14"),
+                           ("model.image_size=30", "must be a multiple of the ViT's patch size 14"),
                            ("mesh=2,-1,-1", "expected data,fsdp,tensor")):
     _usage_error(finetune.main, _ft(root, work, "--set", setting), capsys, f"--set {setting}: {problem}")
   _usage_error(finetune.main, _ft(root, work, "--max_steps", "0"), capsys,

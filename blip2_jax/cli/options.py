@@ -8,6 +8,7 @@ Python traceback only with `--debug`.
     def _main(argv):
       a = options.Parser(prog="python -m blip2_jax.x").parse_args(argv)   # adds --debug
       options.check_output(a.output)                                      # before any work
+      a.model = options.model_dir(a.model, revision=a.revision)           # a Hub id -> its cached snapshot
       options.check_checkpoint(a.model, archs=options.GENERATION_ARCHS, task="captioning")
       ...                                                                 # raise UsageError(...) for bad input
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import traceback
 
@@ -167,6 +169,12 @@ def check_new_dir(path: str, flag: str) -> None:
     raise UsageError(f"{flag} {path}: cannot be created: {parent} is not writable")
 
 
+def remove_if_empty(path: str) -> None:
+  """Removes a directory tree that holds no file: a run that failed before writing anything leaves nothing behind."""
+  if os.path.isdir(path) and not any(files for _, _, files in os.walk(path)):
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def check_input_file(path: str, flag: str) -> None:
   if not os.path.exists(path):
     raise UsageError(f"{flag} {path}: file not found")
@@ -198,6 +206,26 @@ def write_atomic(path: str, text: str) -> None:
 
 # ----------------------------------------------------------------------------------------
 # checkpoint directories
+
+
+def add_model_arg(p, help: str, flag: str = "--model", **kwargs) -> None:
+  """`flag` (a checkpoint directory or a Hugging Face Hub id) and `--revision` for the Hub id."""
+  p.add_argument(flag, help=f"{help}; or a Hugging Face Hub id such as Salesforce/blip2-opt-2.7b, read "
+                 "from (or fetched into) the Hugging Face cache", **kwargs)
+  p.add_argument("--revision", default=None,
+                 help=f"with a Hub id as {flag}: its branch, tag or commit (default main)")
+
+
+def model_dir(path: str, flag: str = "--model", revision: str | None = None) -> str:
+  """The local directory of `path`: itself when it exists (a local path keeps precedence), else a Hub
+  id's snapshot in the Hugging Face cache (fetched unless HF_HUB_OFFLINE is set). UsageError when a Hub id
+  cannot be had (not cached while offline, unknown, gated); any other missing path is returned as given,
+  for the checks below to report."""
+  from blip2_jax import hub
+  try:
+    return hub.resolve(path, revision=revision)
+  except hub.HubError as e:
+    raise UsageError(f"{flag} {e}") from None
 
 
 def read_checkpoint_config(path: str, flag: str = "--model") -> dict:

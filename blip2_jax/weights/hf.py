@@ -9,6 +9,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from blip2_jax import hub
 from blip2_jax import sharding as shd
 from blip2_jax.weights import io
 
@@ -45,8 +46,12 @@ def _dtype_name(dtype) -> str | None:
 
 def from_pretrained(path: str, dtype=jnp.float32, mesh=None, *, param_dtype=None, scan: bool = False,
                     remat: str = "none", attn_impl: str | None = None, qformer_dtype="float32",
-                    axis_rules=shd.DEFAULT_RULES, verbose: bool = False):
+                    axis_rules=shd.DEFAULT_RULES, verbose: bool = False, revision: str | None = None,
+                    cache_dir: str | None = None, token=None):
   """Loads a transformers `save_pretrained` directory of any BLIP-2 class; returns (model, params).
+
+  path: a local directory, or a Hugging Face Hub id ("Salesforce/blip2-opt-2.7b") at `revision`,
+  fetched into (or, offline, read from) huggingface_hub's cache (`cache_dir`, `token`: see `blip2_jax.hub`).
 
   dtype: compute dtype of the ViT and LLM; param_dtype: their stored dtype (default: dtype).
   The Q-Former and query tokens compute in `qformer_dtype` with float32 params, as HF keeps them.
@@ -57,6 +62,7 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, *, param_dtype=None
   from blip2_jax.models import blip2
 
   t0 = time.time()
+  path = hub.resolve(path, revision=revision, cache_dir=cache_dir, token=token)
   hf_cfg = read_hf_config(path)
   param_dtype = param_dtype if param_dtype is not None else dtype
   config = blip2.Blip2Config.from_hf(
@@ -141,6 +147,7 @@ def load_qformer_head(path: str, model):
   Raises FileNotFoundError saying where the head comes from when the file is absent (HF's
   Blip2ForImageTextRetrieval checkpoints do not ship one)."""
   from blip2_jax.models import qformer
+  path = hub.resolve(path)
   f = os.path.join(path, QFORMER_HEAD_NAME)
   if not os.path.isfile(f):
     raise FileNotFoundError(

@@ -11,8 +11,10 @@ Sources (HF `save_pretrained` directories, or `.bin` / safetensors files where n
                   without `bert.`): `bert.from_bert_state_dict` (query FFN = copy of the text
                   FFN, fresh cross-attention, vocab grown by `[DEC]`).
   language_model  OPTForCausalLM / T5ForConditionalGeneration / LlamaForCausalLM.
-Everything else (query tokens N(0, initializer_range), language / vision / text projections,
-itm_head, and any tower not given) is freshly initialised by `build(config).init` with `seed`.
+Each may also be a Hugging Face Hub id ("google-bert/bert-base-uncased"), resolved to its cached
+snapshot (blip2_jax.hub). Everything else (query tokens N(0, initializer_range), language / vision /
+text projections, itm_head, and any tower not given) is freshly initialised by `build(config).init`
+with `seed`.
 
 The Q-Former LM head (BERT `cls.predictions`, for ITG) has no slot in any HF BLIP-2 class, so
 it is returned in `report["qformer_lm_head"]` (a param tree for `qformer.QFormerLMHead(
@@ -32,6 +34,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from blip2_jax import hub
 from blip2_jax.models import layers as L
 from blip2_jax.weights import bert, io
 from blip2_jax.weights.table import expand, prefixed
@@ -76,6 +79,7 @@ def _auto_config(path: str, what: str, allowed):
 def text_config_from_dir(llm_dir: str, **runtime):
   """Our OPT / T5 / LLaMA config of an HF LLM directory (T5 head tying read from the weights)."""
   from blip2_jax.models import blip2, t5
+  llm_dir = hub.resolve(llm_dir)
   hf = _auto_config(llm_dir, "language_model", _TEXT_TYPES)
   family = _TEXT_TYPES[hf.model_type]
   cls = blip2._config_class(family)
@@ -108,6 +112,7 @@ def config_from_towers(vision_dir: str, bert_dir: str, llm_dir: str | None = Non
   if not generative and llm_dir is not None:
     raise ValueError(f"{arch} has no language model; drop llm_dir")
   instruct = arch.startswith("InstructBlip")
+  vision_dir, bert_dir = hub.resolve(vision_dir), hub.resolve(bert_dir)
   vision_raw, _ = _vision_source(vision_dir)
   vision = vit.VisionConfig.from_hf(vision_raw, **runtime)
   bert = _auto_config(bert_dir, "qformer_bert", ("bert",))
@@ -206,6 +211,8 @@ def init_from_towers(config, *, vision: str | None = None, qformer_bert: str | N
 
   if mesh is not None and axis_rules is None:
     axis_rules = shd.DEFAULT_RULES
+  vision, qformer_bert, language_model = (None if p is None else hub.resolve(p)
+                                          for p in (vision, qformer_bert, language_model))
   model = blip2.build(config)
   dummy = blip2.dummy_inputs(config)
   abstract = io.abstract_params(model, **dummy)
