@@ -11,6 +11,8 @@ import platform
 import statistics
 import time
 
+from blip2_jax import presets
+
 
 def loadavg() -> str:
   try:
@@ -79,37 +81,35 @@ def set_torch_threads(n: int | None):
 # ----------------------------------------------------------------------------------------
 # model sizes (HF config dicts)
 
+# "small": CPU-sized stand-ins; "real": the released models' shapes, from blip2_jax.presets (one copy)
 VISION = {
     # ViT 6 x 384 at 224 px / patch 14 (257 tokens): a CPU-sized stand-in for EVA ViT-g
     "small": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
                   image_size=224, patch_size=14, qkv_bias=True, layer_norm_eps=1e-6),
-    # EVA ViT-g/14 at 224 px (39 x 1408, 16 heads of 88)
-    "real": dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
-                 image_size=224, patch_size=14, qkv_bias=True, layer_norm_eps=1e-6),
+    "real": presets.VISION["eva-vit-g"],  # EVA ViT-g/14 at 224 px (39 x 1408, 16 heads of 88)
 }
 QFORMER = {
     "small": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=6,
                   encoder_hidden_size=384, cross_attention_frequency=2, vocab_size=30522),
-    # BERT-base Q-Former, cross-attention every 2nd layer
-    "real": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 encoder_hidden_size=1408, cross_attention_frequency=2, vocab_size=30522),
+    # BERT-base Q-Former, cross-attention every 2nd layer, vocab 30523 with [DEC]
+    "real": dict(presets.QFORMER, encoder_hidden_size=presets.VISION["eva-vit-g"]["hidden_size"]),
 }
+REAL_TEXT = {("real", "opt"): "opt-2.7b", ("opt6.7b", "opt"): "opt-6.7b", ("real", "t5"): "flan-t5-xl"}
 
 
 def text_config(size: str, family: str):
   """small: OPT 6 x 512 / T5 4+4 x 512 with the real vocabularies; real: OPT-2.7B / FlanT5-XL;
-  opt6.7b: OPT-6.7B."""
+  opt6.7b: OPT-6.7B (the real ones from blip2_jax.presets)."""
   import transformers
+  if (size, family) in REAL_TEXT:
+    return presets.text_config(REAL_TEXT[size, family])
+  if size != "small":
+    raise ValueError(f"no {size!r} {family} size; known: small, " + ", ".join(f"{s} ({f})" for s, f in REAL_TEXT))
   if family == "opt":
-    dims = {"small": (512, 2048, 6, 8), "real": (2560, 10240, 32, 32), "opt6.7b": (4096, 16384, 32, 32)}[size]
-    h, f, n, heads = dims
-    return transformers.OPTConfig(hidden_size=h, ffn_dim=f, num_hidden_layers=n, num_attention_heads=heads,
-                                  vocab_size=50304 if size != "opt6.7b" else 50272, word_embed_proj_dim=h,
-                                  max_position_embeddings=2048, pad_token_id=1, bos_token_id=2, eos_token_id=2,
-                                  dropout=0.0, attention_dropout=0.0)
-  dims = {"small": (512, 1024, 4, 8), "real": (2048, 5120, 24, 32)}[size]
-  d, ff, n, heads = dims
-  return transformers.T5Config(d_model=d, d_ff=ff, d_kv=64, num_layers=n, num_heads=heads, vocab_size=32128,
+    return transformers.OPTConfig(hidden_size=512, ffn_dim=2048, num_hidden_layers=6, num_attention_heads=8,
+                                  vocab_size=50304, word_embed_proj_dim=512, max_position_embeddings=2048,
+                                  pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0, attention_dropout=0.0)
+  return transformers.T5Config(d_model=512, d_ff=1024, d_kv=64, num_layers=4, num_heads=8, vocab_size=32128,
                                feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
 

@@ -51,8 +51,14 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axes: Sequence[str] = MESH_AXES
   if int(np.prod(shape)) != len(devices):
     raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
                      f"but {len(devices)} are available")
-  return jax.make_mesh(tuple(shape), tuple(axes), devices=devices,
-                       axis_types=(AxisType.Auto,) * len(axes))
+  types = (AxisType.Auto,) * len(axes)
+  try:  # on TPUs, laid out along the physical torus
+    return jax.make_mesh(tuple(shape), tuple(axes), devices=devices, axis_types=types)
+  except (ValueError, NotImplementedError):
+    # an axis that fits no torus dimension (8 on a 4x4x4 slice) spans two of them
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(tuple(shape), devices, allow_split_physical_axes=True)
+    return Mesh(grid, tuple(axes), axis_types=types)
 
 
 def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules=DEFAULT_RULES):

@@ -7,7 +7,7 @@ LAVIS caption_coco_ft: 5 epochs, batch 256, lr 1e-5 (warmup 1000 from 1e-8, cosi
 wd 0.05, image 364 (position embeddings interpolated), ViT trained, LLM frozen.
 """
 from configs import common
-from configs.stage2 import LLMS
+from configs.stage2 import LLMS, PRESETS
 
 
 def get_config(arg=None):
@@ -16,6 +16,7 @@ def get_config(arg=None):
     raise ValueError(f"llm={a.llm!r}: choose one of {sorted(LLMS)}")
   c = common.base("caption")
   c.model.family = LLMS[a.llm][0]
+  c.model.preset = PRESETS[a.llm]
   c.model.init = "pretrained"
   c.model.image_size = a.res
   c.frozen = [common.FROZEN_LLM]

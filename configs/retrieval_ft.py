@@ -10,6 +10,7 @@ def get_config(arg=None):
   c = common.base("retrieval")
   c.model.architecture = "Blip2ForImageTextRetrieval"
   c.model.init = "pretrained"  # a stage-1 directory with qformer_lm_head.safetensors
+  c.model.preset = "blip2-itm-vit-g"
   c.model.image_size = a.res
   c.frozen = []
   c.num_epochs = 5

@@ -11,6 +11,7 @@ Paper: 250k steps, batch 2320 (ViT-L) / 1680 (ViT-g), AdamW (0.9, 0.98, wd 0.05)
 from configs import common
 
 BATCH = {"g": 1680, "l": 2320}
+PRESET = {"g": "blip2-itm-vit-g", "l": "blip2-itm-vit-l"}  # shapes for python -m blip2_jax.aot
 
 
 def get_config(arg=None):
@@ -19,9 +20,14 @@ def get_config(arg=None):
     raise ValueError(f"vit={a.vit!r}: choose g (EVA ViT-g/14) or l (CLIP ViT-L/14)")
   c = common.base("stage1")
   c.model.architecture = "Blip2ForImageTextRetrieval"
+  c.model.preset = PRESET[a.vit]
   c.frozen = [common.FROZEN_VIT]
   c.total_steps = 250_000
   c.global_batch_size = BATCH[a.vit]
+  # python -m blip2_jax.aot on a v5p-128 at the paper's batch (26 rows per chip): without remat the
+  # step takes 21% of the HBM, and remat's recomputation costs 12% more FLOPs (benchmarks/RESULTS.md,
+  # "TPU, compiled ahead of time"); chips with less memory per row may need model.remat=full
+  c.model.remat = "none"
   c.optim.update(lr=1e-4, min_lr=1e-5, warmup_steps=2000)
   if a.tiny:
     common.tiny(c, None)

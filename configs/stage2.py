@@ -14,6 +14,9 @@ from configs import common
 
 LLMS = {"opt2.7b": ("opt", 1920), "opt6.7b": ("opt", 1920), "flant5xl": ("t5", 1520),
         "flant5xxl": ("t5", 1520), "vicuna7b": ("llama", 1920)}
+# the released model of each LLM (blip2_jax.presets): its shapes for python -m blip2_jax.aot
+PRESETS = {"opt2.7b": "blip2-opt-2.7b", "opt6.7b": "blip2-opt-6.7b", "flant5xl": "blip2-flan-t5-xl",
+           "flant5xxl": "blip2-flan-t5-xxl", "vicuna7b": "blip2-vicuna-7b"}
 
 
 def get_config(arg=None):
@@ -23,9 +26,15 @@ def get_config(arg=None):
   family, batch = LLMS[a.llm]
   c = common.base("stage2")
   c.model.family = family
+  c.model.preset = PRESETS[a.llm]
   c.model.init = "towers"  # vision + Q-Former from model.pretrained (stage 1), LLM from model.language_model
   c.total_steps = 80_000
   c.global_batch_size = batch
+  # python -m blip2_jax.aot on a v5p-128 at the paper's batch (24-30 rows per chip): without remat the
+  # step takes 19-55% of the HBM (OPT-2.7B .. FlanT5-XXL), and remat's recomputation costs 19% more
+  # FLOPs (benchmarks/RESULTS.md, "TPU, compiled ahead of time"); chips with less memory per row may
+  # need model.remat=full
+  c.model.remat = "none"
   c.optim.update(lr=1e-4, min_lr=5e-5, warmup_steps=2000)
   if a.tiny:
     common.tiny(c, family)

@@ -18,7 +18,7 @@ for the ViT (`optim.layer_decay`, applied per block: see train/optim.vit_layer_s
 5 beams at inference.
 """
 from configs import common
-from configs.stage2 import LLMS
+from configs.stage2 import LLMS, PRESETS
 
 
 def get_config(arg=None):
@@ -27,6 +27,7 @@ def get_config(arg=None):
     raise ValueError(f"llm={a.llm!r}: choose one of {sorted(LLMS)}")
   c = common.base("vqa")
   c.model.family = LLMS[a.llm][0]
+  c.model.preset = PRESETS[a.llm]
   c.model.init = "pretrained"
   c.model.image_size = a.res
   c.frozen = [common.FROZEN_LLM]

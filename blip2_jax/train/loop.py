@@ -20,6 +20,7 @@ a resumed run reads best.json and keeps competing against it. WORKDIR/hf stays t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -164,16 +165,57 @@ def total_steps(config, num_records: int) -> int:
 SETUP_TASKS = {"vqa": "caption", "instruct": "caption"}
 
 
-def build_setup(config):
-  """setup.build(config) for every task, the fine-tuning ones included (SETUP_TASKS)."""
+def build_setup(config, *, abstract: bool = False):
+  """setup.build(config) for every task, the fine-tuning ones included (SETUP_TASKS); with
+  `abstract`, setup.build_abstract (shapes only, nothing read)."""
   import ml_collections
 
   from blip2_jax.train import setup as setup_lib
+  build = setup_lib.build_abstract if abstract else setup_lib.build
   if config.task not in SETUP_TASKS:
-    return setup_lib.build(config)
+    return build(config)
   c = ml_collections.ConfigDict(config.to_dict())
   c.task = SETUP_TASKS[config.task]
-  return setup_lib.build(c)
+  return build(c)
+
+
+def make_train_mesh(config, devices=None):
+  """`config.mesh` over `devices` (default: every device), refusing a global batch that does not
+  split evenly over its data x fsdp devices."""
+  mesh = shd.make_mesh(tuple(config.mesh), devices=devices)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch is split over both
+  if config.global_batch_size % dp:
+    raise ValueError(f"global_batch_size {config.global_batch_size} does not split evenly over the {dp} "
+                     f"data-parallel devices of mesh {dict(mesh.shape)} (data x fsdp)")
+  return mesh
+
+
+@dataclasses.dataclass
+class StepParts:
+  """The train step of a recipe as `make_step` builds it (for `train()` and the AOT compiler alike)."""
+  schedule: Any
+  tx: Any           # the optax optimizer
+  state: Any        # a placed TrainState, or (abstract) one of ShapeDtypeStructs with their shardings
+  train_step: Any   # step_lib.jit_train_step(...): call(state, batch, rng), `.jitted` to lower
+
+
+def make_step(config, st, mesh, steps: int, *, abstract: bool = False) -> StepParts:
+  """Schedule, optimizer, train state and jitted train step of `config` over `mesh`; `st` from
+  build_setup(config, abstract=abstract). Abstract: the state holds ShapeDtypeStructs (nothing is
+  allocated), so `train_step.jitted.lower(state, batch, rng)` compiles what train() would run."""
+  from blip2_jax.train import optim, step as step_lib
+  o = config.optim
+  schedule = optim.lr_schedule(o.lr, warmup_steps=o.warmup_steps, total_steps=steps, min_lr=o.min_lr,
+                               warmup_init=o.warmup_init)
+  tx = make_optimizer(config, st, schedule)
+  frozen_dtype = None if config.model.frozen_dtype in ("", "float32") else config.model.frozen_dtype
+  shardings = step_lib.param_shardings(st.model, st.params, mesh)
+  init = step_lib.abstract_train_state if abstract else step_lib.init_train_state
+  state = init(st.params, list(config.frozen), tx, frozen_dtype=frozen_dtype, shardings=shardings)
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(make_loss_fn(config, st), tx,
+                                                                accum_steps=config.accum_steps, schedule=schedule),
+                                       mesh, state)
+  return StepParts(schedule, tx, state, train_step)
 
 
 def make_optimizer(config, setup, schedule):
@@ -219,11 +261,19 @@ class _Best:
     return True
 
 
+def qformer_bos_id(setup) -> int:
+  """The Q-Former tokenizer's bos ([DEC]); an abstract Setup has no tokenizer: the last vocabulary id,
+  where LAVIS appends [DEC] (only a constant of the compiled step, so any valid id compiles the same)."""
+  if setup.qformer_tokenizer is not None:
+    return setup.qformer_tokenizer.bos_token_id
+  return setup.model.config.qformer.vocab_size - 1
+
+
 def make_loss_fn(config, setup):
   from blip2_jax.train import step as step_lib
   deterministic = not config.model.dropout
   if config.task in ("stage1", "retrieval"):
-    return step_lib.stage1_loss_fn(setup.model, bos_token_id=setup.qformer_tokenizer.bos_token_id,
+    return step_lib.stage1_loss_fn(setup.model, bos_token_id=qformer_bos_id(setup),
                                    deterministic=deterministic, label_smoothing=config.loss.label_smoothing,
                                    itc_full_gradient=config.loss.itc_full_gradient)
   return step_lib.stage2_loss_fn(setup.model, deterministic=deterministic)
@@ -344,21 +394,12 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
            f"export go to {os.path.abspath(local)}")
   os.makedirs(local, exist_ok=True)
   t0 = time.time()
-  mesh = shd.make_mesh(tuple(config.mesh))
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch is split over both
-  if config.global_batch_size % dp:
-    raise ValueError(f"global_batch_size {config.global_batch_size} does not split evenly over the {dp} "
-                     f"data-parallel devices of mesh {dict(mesh.shape)} (data x fsdp)")
+  mesh = make_train_mesh(config)
   st = build_setup(config)
   source = make_source(config)
   steps = total_steps(config, len(source))
-  o = config.optim
-  schedule = optim.lr_schedule(o.lr, warmup_steps=o.warmup_steps, total_steps=steps, min_lr=o.min_lr,
-                               warmup_init=o.warmup_init)
-  tx = make_optimizer(config, st, schedule)
-  frozen_dtype = None if config.model.frozen_dtype in ("", "float32") else config.model.frozen_dtype
-  state = step_lib.init_train_state(st.params, list(config.frozen), tx, frozen_dtype=frozen_dtype,
-                                    shardings=step_lib.param_shardings(st.model, st.params, mesh))
+  parts = make_step(config, st, mesh, steps)
+  state, train_step = parts.state, parts.train_step
   st.params = None  # the state holds them now (frozen ones possibly cast)
   shardings = step_lib.state_shardings(state)
   n_train = step_lib.count_params(state.trainable)
@@ -368,9 +409,6 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
                f"{n_frozen / 1e6:.2f}M frozen parameters; mesh {dict(mesh.shape)}; {steps} steps of "
                f"{config.global_batch_size}")
 
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(make_loss_fn(config, st), tx,
-                                                                accum_steps=config.accum_steps, schedule=schedule),
-                                       mesh, state)
   batch_sharding = step_lib.batch_sharding(mesh)
   to_model = batches.make_batch_fn(config, st)
   it = iter(make_loader(config, st, source))

@@ -155,13 +155,27 @@ def _towers_stage2(config):
   return cfg, params, report
 
 
+def _check_task(task: str) -> None:
+  if task not in STAGE1_TASKS + LM_TASKS:
+    raise ValueError(f"config.task {task!r}: choose one of {STAGE1_TASKS + LM_TASKS}")
+
+
+def _check_model(task: str, cfg) -> None:
+  want = "Blip2ForImageTextRetrieval" if task in STAGE1_TASKS else None
+  if want and cfg.architecture != want:
+    raise ValueError(f"task {task!r} trains a {want}; the model is a {cfg.architecture}")
+  if task in LM_TASKS and cfg.text is None:
+    raise ValueError(f"task {task!r} needs a model with a language model; {cfg.architecture} has none")
+  if task == "instruct" and not cfg.instruct:
+    raise ValueError("task 'instruct' needs an InstructBLIP model (its Q-Former reads the instruction)")
+
+
 def build(config) -> Setup:
   """The model, training tree and tokenizers that `config` describes (see the module docstring)."""
   from blip2_jax.models import blip2
   from blip2_jax.weights import hf
   task, init = config.task, config.model.init
-  if task not in STAGE1_TASKS + LM_TASKS:
-    raise ValueError(f"config.task {task!r}: choose one of {STAGE1_TASKS + LM_TASKS}")
+  _check_task(task)
   head = temp = None
   if init == "random":
     cfg, params, report = _random(config)
@@ -179,13 +193,7 @@ def build(config) -> Setup:
   else:
     raise ValueError(f"model.init {init!r}: choose towers, pretrained or random")
 
-  want = "Blip2ForImageTextRetrieval" if task in STAGE1_TASKS else None
-  if want and cfg.architecture != want:
-    raise ValueError(f"task {task!r} trains a {want}; the model is a {cfg.architecture}")
-  if task in LM_TASKS and cfg.text is None:
-    raise ValueError(f"task {task!r} needs a model with a language model; {cfg.architecture} has none")
-  if task == "instruct" and not cfg.instruct:
-    raise ValueError("task 'instruct' needs an InstructBLIP model (its Q-Former reads the instruction)")
+  _check_model(task, cfg)
   cfg, params = resize_positions(cfg, params, int(config.model.image_size))
   model = blip2.build(cfg)
   tree = {"model": params}
@@ -199,3 +207,52 @@ def build(config) -> Setup:
     spec = config.tokenizer.llm or config.model.language_model or config.model.pretrained
     ltok = load_tokenizer(spec, "llm")
   return Setup(model, tree, qtok, ltok, report)
+
+
+# ----------------------------------------------------------------------------------------
+# abstract: shapes only
+
+
+def _hf_shapes(config):
+  """The transformers config of `model.preset` (a released model, blip2_jax.presets) or `model.hf_config`."""
+  import transformers
+
+  from blip2_jax import presets
+  m = config.model
+  if m.get("preset"):
+    return presets.hf_config(m.preset, num_query_tokens=int(m.num_query_tokens))
+  d = m.hf_config.to_dict() if hasattr(m.hf_config, "to_dict") else dict(m.hf_config)
+  if not d:
+    raise ValueError("an abstract build needs model.preset (a released model's shapes: "
+                     f"{', '.join(sorted(presets.PRESETS))}) or model.hf_config")
+  cls = transformers.InstructBlipConfig if d.get("model_type") == "instructblip" else transformers.Blip2Config
+  return cls(**d)
+
+
+def build_abstract(config) -> Setup:
+  """The Setup `build(config)` gives, with jax.ShapeDtypeStruct parameters and no tokenizers: no
+  weights are read or initialised. The shapes come from `model.preset` (or `model.hf_config` for
+  the tiny recipes), so a recipe's train step compiles ahead of time for hardware it does not run on
+  (`python -m blip2_jax.aot`)."""
+  import jax
+
+  from blip2_jax.models import blip2
+  from blip2_jax.weights import io
+  task = config.task
+  _check_task(task)
+  cfg = blip2.Blip2Config.from_hf(_hf_shapes(config), architecture=config.model.architecture, **_runtime(config))
+  _check_model(task, cfg)
+  size = int(config.model.image_size)
+  if size % cfg.vision.patch_size:
+    raise ValueError(f"model.image_size {size} is not a multiple of the patch size {cfg.vision.patch_size}")
+  # the position table for `size` is what resize_positions would give: only its shape matters here
+  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=size))
+  model = blip2.build(cfg)
+
+  def init():
+    tree = {"model": io.init_params(model, config.seed, **blip2.dummy_inputs(cfg))}
+    if task in STAGE1_TASKS:
+      tree.update(_stage1_extras(model, config.seed))
+    return tree
+  source = f"preset {config.model.preset}" if config.model.get("preset") else "model.hf_config"
+  return Setup(model, jax.eval_shape(init), None, None, {"init": f"abstract ({source})"})

@@ -118,6 +118,20 @@ def init_train_state(params: dict, frozen_patterns, tx: optax.GradientTransforma
                     opt_state=tx.init(trainable))
 
 
+def abstract_train_state(params: dict, frozen_patterns, tx: optax.GradientTransformation, *, shardings: dict,
+                         frozen_dtype=None) -> TrainState:
+  """What `init_train_state(params, ..., shardings=shardings)` returns, as jax.ShapeDtypeStructs that
+  carry their shardings: `params` may be abstract and nothing is allocated, so the step compiles ahead
+  of time for devices that are not attached (python -m blip2_jax.aot)."""
+  state = jax.eval_shape(lambda p: init_train_state(p, frozen_patterns, tx, frozen_dtype=frozen_dtype), params)
+  mask = optim.path_mask(params, list(frozen_patterns)) if frozen_patterns else jax.tree.map(lambda _: False, params)
+  sh_train, sh_frozen = optim.partition(shardings, mask)
+  mesh = jax.tree.leaves(shardings)[0].mesh
+  sh = TrainState(step=NamedSharding(mesh, P()), trainable=sh_train, frozen=sh_frozen,
+                  opt_state=opt_state_shardings(tx, state.trainable, sh_train, mesh))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, sh)
+
+
 def opt_state_shardings(tx: optax.GradientTransformation, trainable, trainable_shardings, mesh=None):
   """Shardings of `tx.init(trainable)`: every params-shaped subtree of the optimizer state (Adam's
   mu and nu) takes the shardings of the parameters it mirrors (`optax.tree_map_params`), the rest

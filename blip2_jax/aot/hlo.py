@@ -1,0 +1,384 @@
+"""Collectives of a compiled (optimized, per-device) HLO module, read from its text.
+
+    colls = collectives(compiled.as_text(), mesh)   # [Collective], counts per step
+
+Each collective is counted as often as it runs: the bodies of while loops (scanned layers) are
+multiplied by their trip count, read from XLA's `known_trip_count` or from the loop condition
+(`i < N`, with i's start when it is a constant). A channel id is one collective: the pieces of a TPU
+async collective that the compiler spreads over later loops count once. Fused collectives count once per fusion call;
+TPU's `all-reduce-scatter` fusions (an all-reduce whose result each device slices) count as the
+reduce-scatter they implement. Replica groups, in any of XLA's three notations (explicit lists,
+iota `[G,S]<=[N]`, mesh axes `mesh[...] {axes}`), are mapped to the mesh axes they span: ids in
+them are positions in the mesh's device order (SPMD partition ids).
+
+Bytes: `bytes` is the whole buffer the collective assembles or reduces (an all-gather's output, a
+reduce-scatter's input, an all-reduce's operand); `traffic()` is what each device sends over its
+links for a ring algorithm: (g-1)/g of it (twice for an all-reduce; a permute sends it once).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+import numpy as np
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_OPCODES = {k: k for k in KINDS}
+_OPCODES.update({f"{k}-start": k for k in KINDS})
+_OPCODES["ragged-all-to-all"] = "all-to-all"
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+[a-z]*)?)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\) -> .*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
+
+
+def _array_bytes(shape_text: str) -> list[int]:
+  out = []
+  for dtype, dims in _ARRAY.findall(shape_text):
+    if dtype.startswith("f8"):
+      size = 1
+    elif dtype in _DTYPE_BYTES:
+      size = _DTYPE_BYTES[dtype]
+    else:
+      continue
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    out.append(int(n * size))
+  return out
+
+
+def _split_shape(rest: str) -> tuple[str, str]:
+  """'(a, b) op(...)' or 'f32[2]{0} op(...)' -> (shape text, 'op(...)...')."""
+  if rest.startswith("("):
+    depth = 0
+    for i, ch in enumerate(rest):
+      depth += ch == "("
+      depth -= ch == ")"
+      if depth == 0:
+        return rest[:i + 1], rest[i + 1:].lstrip()
+  shape, _, tail = rest.partition(" ")
+  return shape, tail
+
+
+@dataclasses.dataclass
+class Instr:
+  name: str
+  shape: str
+  opcode: str
+  operands: list[str]
+  attrs: str
+  line: str
+
+
+def _parse_instr(line: str) -> Instr | None:
+  m = _INSTR.match(line)
+  if not m:
+    return None
+  shape, tail = _split_shape(line[m.end():])
+  op = re.match(r"([a-z][\w\-]*)\(", tail)
+  if not op:
+    return None
+  depth, i = 0, op.end() - 1
+  for i in range(op.end() - 1, len(tail)):
+    depth += tail[i] == "("
+    depth -= tail[i] == ")"
+    if depth == 0:
+      break
+  args = tail[op.end():i]
+  return Instr(m.group(1), shape, op.group(1), re.findall(r"%([\w.\-]+)", args), tail[i + 1:], line)
+
+
+def parse_module(text: str) -> tuple[dict[str, list[Instr]], str]:
+  """HLO module text -> ({computation: [Instr]}, entry name)."""
+  comps: dict[str, list[Instr]] = {}
+  entry, cur = "", None
+  for line in text.splitlines():
+    h = _HEADER.match(line)
+    if h:
+      cur = h.group(2)
+      comps[cur] = []
+      if h.group(1):
+        entry = cur
+      continue
+    if line.startswith("}"):
+      cur = None
+      continue
+    if cur is not None:
+      ins = _parse_instr(line)
+      if ins is not None:
+        comps[cur].append(ins)
+  return comps, entry
+
+
+# ----------------------------------------------------------------------------------------
+# replica groups
+
+
+def _iota(dims: Sequence[int], reshape: Sequence[int] | None = None, perm: Sequence[int] | None = None):
+  n = int(np.prod(dims))
+  a = np.arange(n).reshape(reshape if reshape else dims)
+  if perm:
+    a = a.transpose(perm)
+  return a.reshape(dims)
+
+
+def _ints(s: str) -> list[int]:
+  return [int(x) for x in s.split(",") if x.strip()]
+
+
+def _mesh_groups(spec: str) -> list[list[int]] | None:
+  """mesh['a'=4,'b'=2], device_ids=([2,4]T(1,0)) {'a'} (axis refs may be sub-axes 'a':(1)2)."""
+  m = re.match(r"mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*\)?)\))?\s*\{([^}]*)\}", spec)
+  if not m:
+    return None
+  names, sizes = [], []
+  for item in filter(None, (x.strip() for x in m.group(1).split(","))):
+    k, _, v = item.partition("=")
+    names.append(k.strip().strip("'\""))
+    sizes.append(int(v))
+  n = int(np.prod(sizes))
+  ids = np.arange(n)
+  if m.group(2):
+    d = re.match(r"\[([\d,]+)\](?:<=\[([\d,]+)\])?(?:T\(([\d,]+)\))?", m.group(2).strip())
+    if d:
+      dims = _ints(d.group(1))
+      reshape = _ints(d.group(2)) if d.group(2) else None
+      perm = _ints(d.group(3)) if d.group(3) else None
+      if reshape is None and perm is not None:  # '[2,4]T(1,0)': iota over [2,4], transposed
+        ids = np.arange(n).reshape(dims).transpose(perm).reshape(-1)
+      else:
+        ids = _iota(dims, reshape, perm).reshape(-1)
+  refs: dict[int, list[tuple[int, int] | None]] = {}
+  order = []
+  for ref in filter(None, (x.strip() for x in m.group(3).split(","))):
+    r = re.match(r"'?([^':]+)'?(?::\((\d+)\)(\d+))?", ref)
+    axis = names.index(r.group(1))
+    sub = (int(r.group(2)), int(r.group(3))) if r.group(2) else None
+    refs.setdefault(axis, []).append(sub)
+    order.append((axis, len(refs[axis]) - 1))
+  # split each referenced axis into (pre, size, post) pieces; the groups span the `size` pieces
+  dims, grouped, pos = [], {}, 0
+  for a, size in enumerate(sizes):
+    if a not in refs or refs[a] == [None]:
+      dims.append(size)
+      if a in refs:
+        grouped[(a, 0)] = pos
+      pos += 1
+      continue
+    subs = sorted(enumerate(refs[a]), key=lambda t: t[1][0])
+    prefix = 1
+    for j, (pre, sz) in subs:
+      if pre != prefix:
+        dims.append(pre // prefix)
+        pos += 1
+        prefix = pre
+      dims.append(sz)
+      grouped[(a, j)] = pos
+      pos += 1
+      prefix *= sz
+    if prefix != size:
+      dims.append(size // prefix)
+      pos += 1
+  gaxes = [grouped[k] for k in order]
+  rest = [i for i in range(len(dims)) if i not in gaxes]
+  arr = ids.reshape(dims).transpose(rest + gaxes)
+  gsize = int(np.prod([dims[i] for i in gaxes])) if gaxes else 1
+  return arr.reshape(-1, gsize).tolist()
+
+
+def replica_groups(attrs: str, num_devices: int) -> list[list[int]]:
+  """The device groups of a collective's attribute text (all devices when none are given)."""
+  m = re.search(r"source_target_pairs=\{(.*?)\}\}", attrs)
+  if m:
+    return [_ints(p) for p in re.findall(r"\{([\d,]+)", m.group(1) + "}")]
+  m = re.search(r"replica_groups=(.*)", attrs)
+  if not m:
+    return [list(range(num_devices))]
+  spec = m.group(1)
+  if spec.startswith("mesh["):
+    groups = _mesh_groups(spec)
+    if groups is not None:
+      return groups
+  it = re.match(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", spec)
+  if it:
+    dims = _ints(it.group(1))
+    arr = _iota(dims, _ints(it.group(2)), _ints(it.group(3)) if it.group(3) else None)
+    return arr.reshape(dims[0], -1).tolist()
+  ex = re.match(r"\{((?:\{[\d,]*\},?)*)\}", spec)
+  if ex:
+    groups = [_ints(g) for g in re.findall(r"\{([\d,]*)\}", ex.group(1))]
+    groups = [g for g in groups if g]
+    return groups or [list(range(num_devices))]
+  return [list(range(num_devices))]
+
+
+def spanned_axes(groups: list[list[int]], mesh_shape: Sequence[int], axis_names: Sequence[str]) -> tuple[str, ...]:
+  """Mesh axes along which the devices of a group differ (union over groups)."""
+  varying = np.zeros(len(mesh_shape), bool)
+  for g in groups:
+    if len(g) > 1:
+      coords = np.array(np.unravel_index(np.asarray(g), tuple(mesh_shape))).T
+      varying |= (coords != coords[0]).any(axis=0)
+  return tuple(a for a, v in zip(axis_names, varying) if v)
+
+
+def physical_dims(group: list[int], flat_devices) -> int:
+  """How many physical torus dimensions a group spans (its devices' `coords`); 0 when unknown."""
+  try:
+    coords = np.array([flat_devices[i].coords for i in group])
+  except (AttributeError, IndexError, TypeError):
+    return 0
+  return int((coords != coords[0]).any(axis=0).sum())
+
+
+# ----------------------------------------------------------------------------------------
+# collectives
+
+
+@dataclasses.dataclass
+class Collective:
+  kind: str
+  bytes: int             # the whole buffer (see the module docstring)
+  count: float           # executions per step
+  group_size: int
+  axes: tuple[str, ...]  # mesh axes spanned
+  phys_dims: int         # physical torus dimensions spanned (0: unknown)
+  in_loop: bool          # inside a while loop (a scanned layer)
+  op_name: str           # jax's op_name metadata: where in the program it comes from
+  name: str
+  channel: int | None = None
+
+  def traffic(self) -> float:
+    """Bytes each device sends per execution (ring algorithms)."""
+    g = max(self.group_size, 1)
+    if self.kind == "collective-permute":
+      return float(self.bytes)
+    frac = (g - 1) / g
+    return (2 * frac if self.kind == "all-reduce" else frac) * self.bytes
+
+
+def _trip_count(ins: Instr, comps, defs: dict[str, Instr]) -> int | None:
+  m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.line)
+  if m:
+    return int(m.group(1))
+  cm = re.search(r"condition=%([\w.\-]+)", ins.attrs)
+  if not cm or cm.group(1) not in comps:
+    return None
+  cond = comps[cm.group(1)]
+  cdefs = {i.name: i for i in cond}
+  root = next((i for i in reversed(cond) if i.line.lstrip().startswith("ROOT")), None)
+  if root is None or root.opcode != "compare" or len(root.operands) != 2:
+    return None
+  direction = re.search(r"direction=(\w+)", root.attrs)
+  direction = direction.group(1) if direction else "LT"
+  a, b = (cdefs.get(o) for o in root.operands)
+  const, counter = (b, a) if b is not None and b.opcode == "constant" else (a, b)
+  if const is None or const.opcode != "constant" or counter is None:
+    return None
+  bound = int(float(re.match(r"\s*([-\d.e+]+)", const.line.split("constant(", 1)[1]).group(1)))
+  start = 0
+  idx = re.search(r"index=(\d+)", counter.attrs) if counter.opcode == "get-tuple-element" else None
+  init = defs.get(ins.operands[0]) if ins.operands else None
+  if idx and init is not None and init.opcode == "tuple" and int(idx.group(1)) < len(init.operands):
+    src = defs.get(init.operands[int(idx.group(1))])
+    while src is not None and src.opcode in ("copy", "copy-done", "bitcast", "convert") and src.operands:
+      src = defs.get(src.operands[0])
+    if src is not None and src.opcode == "constant":
+      start = int(float(src.line.split("constant(", 1)[1].split(")")[0]))
+  trips = {"LT": bound - start, "LE": bound - start + 1, "NE": bound - start,
+           "GT": start - bound, "GE": start - bound + 1}.get(direction)
+  return trips if trips and trips > 0 else None
+
+
+def collectives(text: str, mesh) -> tuple[list[Collective], list[str]]:
+  """The collectives of compiled HLO `text` over `mesh` (a jax Mesh) -> (collectives, notes)."""
+  comps, entry = parse_module(text)
+  flat = list(mesh.devices.flat)
+  shape, names = tuple(mesh.devices.shape), tuple(mesh.axis_names)
+  out: list[Collective] = []
+  notes: list[str] = []
+
+  def record(kind, ins, nbytes, mult, in_loop, meta=None):
+    groups = replica_groups(ins.attrs, len(flat))
+    size = len(groups[0]) if groups else 1
+    op = re.search(r'op_name="([^"]*)"', (meta or ins).line)
+    channel = re.search(r"channel_id=(\d+)", ins.attrs)
+    out.append(Collective(kind, int(nbytes), mult, size if kind != "collective-permute" else 2,
+                          spanned_axes(groups, shape, names), physical_dims(groups[0], flat) if groups else 0,
+                          in_loop, op.group(1) if op else "", ins.name, int(channel.group(1)) if channel else None))
+
+  def walk(comp: str, mult: float, in_loop: bool, seen: tuple[str, ...] = ()):
+    if comp not in comps or comp in seen:
+      return
+    body = comps[comp]
+    defs = {i.name: i for i in body}
+    for ins in body:
+      kind = _OPCODES.get(ins.opcode)
+      if kind is not None:
+        sizes = _array_bytes(ins.shape)
+        if not sizes:
+          continue
+        if kind == "all-gather":
+          nbytes = max(sizes)
+        elif kind == "collective-permute":
+          nbytes = sizes[0]
+        elif kind == "reduce-scatter":
+          groups = replica_groups(ins.attrs, len(flat))
+          nbytes = sizes[-1] * len(groups[0])
+        else:
+          nbytes = sum(sizes) if not ins.opcode.endswith("-start") else sizes[0]
+        record(kind, ins, nbytes, mult, in_loop)
+        continue
+      if ins.opcode == "while":
+        body_name = re.search(r"body=%([\w.\-]+)", ins.attrs)
+        trips = _trip_count(ins, comps, defs)
+        if trips is None:
+          notes.append(f"trip count of {ins.name} unknown: its collectives are counted once")
+          trips = 1
+        if body_name:
+          walk(body_name.group(1), mult * trips, True, seen + (comp,))
+      elif ins.opcode == "fusion" or ins.opcode.startswith("async-start") or ins.opcode in ("call", "conditional"):
+        called = re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)", ins.attrs)
+        branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+        if branches:  # every branch counted: an upper bound
+          called += re.findall(r"%([\w.\-]+)", branches.group(1))
+        for c in called:
+          if c.startswith("all-reduce-scatter"):  # TPU: all-reduce + per-device slice = a reduce-scatter
+            ar = next((i for i in comps.get(c, []) if i.opcode in ("all-reduce", "all-reduce-start")), None)
+            if ar is not None:
+              record("reduce-scatter", ar, sum(_array_bytes(ar.shape)), mult, in_loop, meta=ins)
+            continue
+          walk(c, mult, in_loop, seen + (comp,))
+
+  walk(entry, 1.0, False)
+  return _one_per_channel(out), notes
+
+
+def _one_per_channel(colls: list[Collective]) -> list[Collective]:
+  """One collective per channel id. TPU's async collectives are started once and advanced by
+  `async_collective_fusion` pieces placed inside the loops that overlap them; each piece repeats
+  the collective with its channel id, so only the least repeated occurrence (the start) counts."""
+  best: dict[int, Collective] = {}
+  rest = []
+  for c in colls:
+    if c.channel is None:
+      rest.append(c)
+    elif c.channel not in best or c.count < best[c.channel].count:
+      best[c.channel] = c
+  return rest + list(best.values())
+
+
+def summarize(colls: list[Collective]) -> list[dict]:
+  """Collectives grouped by (kind, mesh axes, in a loop or not, bytes each), largest traffic first."""
+  rows: dict[tuple, dict] = {}
+  for c in colls:
+    key = (c.kind, c.axes, c.in_loop, c.bytes, c.group_size)
+    r = rows.setdefault(key, dict(kind=c.kind, axes=c.axes, in_loop=c.in_loop, bytes=c.bytes, group_size=c.group_size,
+                                  phys_dims=c.phys_dims, count=0.0, traffic=0.0, where=c.op_name))
+    r["count"] += c.count
+    r["traffic"] += c.count * c.traffic()
+  return sorted(rows.values(), key=lambda r: -r["traffic"])

@@ -1,0 +1,176 @@
+"""python -m blip2_jax.aot: slice names, replica-group notations, the collective accounting against a
+hand count, bad input, and (with libtpu installed) a real TPU compile of a tiny recipe.
+
+The hand count: the tiny stage-2 recipe (OPT, 2 layers of width 40) compiled on the 8 host CPU devices
+with mesh (1, 8, 1) all-gathers, inside the LLM's layer scan, every weight whose "embed" axis the rules
+shard over fsdp: per layer, the bytes of those weights' shapes (float32), once per layer in the forward.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from blip2_jax.aot import hardware, hlo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name, libtpu, chips", [
+    ("v5p-128", "v5p:4x4x4", 64), ("v5p-8", "v5p:2x2x1", 4), ("v4-64", "v4:2x4x4", 32), ("v4-8", "v4:2x2x1", 4),
+    ("v5e-256", "v5e:16x16", 256), ("v5litepod-16", "v5e:4x4", 16), ("v6e-256", "v6e:16x16", 256),
+    ("v5p:4x4x8", "v5p:4x4x8", 128), ("V5P-16", "v5p:2x2x2", 8)])
+def test_topology_names(name, libtpu, chips):
+  t = hardware.parse_topology(name)
+  assert (t.libtpu_name, t.chips) == (libtpu, chips)
+  assert ("chip_config_name" in t.kwargs()) == (t.family in ("v4", "v5p"))  # one device per chip (megacore)
+
+
+@pytest.mark.parametrize("name", ["v5p-127", "v5p-6", "v5e-3", "v9-8", "tpu", "v5p:4x4", ""])
+def test_topology_names_refused(name):
+  with pytest.raises(ValueError):
+    hardware.parse_topology(name)
+
+
+def test_replica_group_notations():
+  n = 8
+  assert hlo.replica_groups("replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add", n) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert hlo.replica_groups("replica_groups={}, to_apply=%add", n) == [list(range(8))]
+  assert hlo.replica_groups("replica_groups=[2,4]<=[8], dimensions={0}", n) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert hlo.replica_groups("replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}", n) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+  mesh = "replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) {%s}, dimensions={0}"
+  # device order [0,4,1,5,2,6,3,7] laid out as (4, 1, 2): axis_0 runs over 0..3 (and 4..7), axis_2 pairs i, i+4
+  assert hlo.replica_groups(mesh % "'axis_0'", n) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert hlo.replica_groups(mesh % "'axis_2'", n) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+  assert hlo.replica_groups("replica_groups=mesh['a'=8] {'a':(2)2}", n) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+  assert hlo.replica_groups("source_target_pairs={{0,1},{1,0}}, channel_id=3", n) == [[0, 1], [1, 0]]
+  assert hlo.spanned_axes([[0, 1, 2, 3], [4, 5, 6, 7]], (2, 4, 1), ("data", "fsdp", "tensor")) == ("fsdp",)
+  assert hlo.spanned_axes([[0, 4], [1, 5]], (2, 4, 1), ("data", "fsdp", "tensor")) == ("data",)
+
+
+_LOOP_HLO = """HloModule m
+
+%async_collective_fusion.1 (q: bf16[8]) -> bf16[64] {
+  %q = bf16[8]{0} parameter(0)
+  ROOT %ag2 = bf16[64]{0} all-gather(%q), channel_id=7, replica_groups=[1,8]<=[8], dimensions={0}
+}
+
+%body (t: (s32[], bf16[8])) -> (s32[], bf16[8]) {
+  %t = (s32[], bf16[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = bf16[8]{0} get-tuple-element(%t), index=1
+  %piece = bf16[64]{0} fusion(%x), kind=kCustom, calls=%async_collective_fusion.1
+  %layer = bf16[64]{0} all-gather(%x), channel_id=9, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  %one = s32[] constant(1)
+  %n = s32[] add(%i, %one)
+  ROOT %r = (s32[], bf16[8]{0}) tuple(%n, %x)
+}
+
+%cond (t: (s32[], bf16[8])) -> pred[] {
+  %t = (s32[], bf16[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %c = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+ENTRY %main (p: bf16[8]) -> (s32[], bf16[8]) {
+  %p = bf16[8]{0} parameter(0)
+  %ag = bf16[64]{0} all-gather(%p), channel_id=7, replica_groups=[1,8]<=[8], dimensions={0}
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[8]{0}) tuple(%zero, %p)
+  ROOT %w = (s32[], bf16[8]{0}) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_loop_counts_and_async_pieces():
+  """A collective in a 5-trip loop counts 5 times; the loop's pieces of an async collective started
+  outside (same channel id) count once."""
+  mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:8])
+  colls, notes = hlo.collectives(_LOOP_HLO, mesh)
+  by_channel = {c.channel: c for c in colls}
+  assert not notes and sorted(by_channel) == [7, 9]
+  assert (by_channel[7].count, by_channel[7].in_loop, by_channel[7].bytes) == (1, False, 128)
+  assert (by_channel[9].count, by_channel[9].in_loop, by_channel[9].axes) == (5, True, ("fsdp",))
+
+
+def test_traffic_per_kind():
+  c = hlo.Collective("all-gather", 1024, 1.0, 4, ("fsdp",), 1, False, "", "ag")
+  assert c.traffic() == 768
+  assert hlo.Collective("all-reduce", 1024, 1.0, 4, ("data",), 1, False, "", "ar").traffic() == 1536
+  assert hlo.Collective("collective-permute", 1024, 1.0, 2, ("data",), 1, False, "", "cp").traffic() == 1024
+
+
+@pytest.fixture(scope="module")
+def tiny_stage2_fsdp():
+  from blip2_jax import aot
+  from blip2_jax.train import recipe_module
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 host devices (tests/conftest.py)")
+  c = recipe_module("stage2").get_config("llm=opt2.7b,tiny")
+  c.mesh, c.global_batch_size = (1, 8, 1), 8
+  return c, aot.compile_recipe(c, "v5p-16", devices=jax.devices()[:8])
+
+
+def test_fsdp_all_gathers_equal_a_hand_count(tiny_stage2_fsdp):
+  """Forward all-gathers in the LLM's layer loop = the bytes of one layer's fsdp-sharded weights, per layer."""
+  from blip2_jax import testing
+  config, report = tiny_stage2_fsdp
+  t = testing.tiny_text_config("opt")
+  h, f = t.hidden_size, t.ffn_dim
+  assert h % 8 == 0 and f % 8 == 0
+  # OPT layer weights with an "embed" axis (-> fsdp): q, k, v, out (h x h), fc1 (h x f), fc2 (f x h),
+  # and the out / fc2 biases (h); every other bias and the norms are replicated. float32 (tiny recipe).
+  per_layer = 4 * (4 * h * h + 2 * h * f + 2 * h)
+  forward = [c for c in report.collectives if c.kind == "all-gather" and c.in_loop and "language_model" in c.op_name
+             and "transpose(" not in c.op_name]
+  assert all(c.axes == ("fsdp",) and c.group_size == 8 for c in forward)
+  assert sum(c.bytes * c.count for c in forward) == per_layer * t.num_hidden_layers
+  assert {c.count for c in forward} == {t.num_hidden_layers}  # each once per scanned layer
+
+
+def test_report_numbers(tiny_stage2_fsdp):
+  from blip2_jax import aot
+  _, r = tiny_stage2_fsdp
+  assert r.fits and r.memory["peak"] > 0 and r.model_flops > 0 and r.hw_flops >= r.model_flops
+  rf = r.roofline()
+  assert rf["overlapped_s"] == max(rf["compute_s"], rf["comm_s"])
+  assert math.isclose(rf["serial_s"], rf["compute_s"] + rf["comm_s"])
+  text = aot.format_report(r)
+  assert "memory per device" in text and "roofline" in text and "collectives per step" in text
+
+
+def _cli(*args, env=None):
+  e = dict(os.environ, **(env or {}))
+  return subprocess.run([sys.executable, "-m", "blip2_jax.aot", *args], capture_output=True, text=True, cwd=ROOT,
+                        env=e, timeout=300)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config", "configs/stage1.py:tiny", "--topology", "v9-128"], "v9"),
+    (["--config", "configs/stage1.py:tiny", "--topology", "v5p-8", "--mesh", "2,x"], "--mesh"),
+    (["--config", "configs/nope.py", "--topology", "v5p-8"], "nope.py"),
+    (["--config", "configs/stage1.py:vit=q", "--topology", "v5p-8"], "vit='q'"),
+])
+def test_bad_input_is_one_line_and_status_2(args, needle):
+  p = _cli(*args)
+  lines = [x for x in p.stderr.splitlines() if x.strip()]
+  assert p.returncode == 2, p.stderr
+  assert len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.skipif(not hardware.libtpu_available(), reason="libtpu is not installed (pip install \"jax[tpu]\")")
+def test_tiny_recipe_compiles_for_a_tpu_slice(tmp_path):
+  """The real TPU compiler on this host: the tiny stage-2 recipe on a v5p-8 (4 chips)."""
+  out = tmp_path / "r.json"
+  p = _cli("--config", "configs/stage2.py:llm=opt2.7b,tiny", "--topology", "v5p-8", "--json", str(out))
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "v5p-8 = 4 x TPU v5p" in p.stdout and "fits" in p.stdout
+  import json
+  d = json.loads(out.read_text())
+  assert d["devices"] == 4 and d["fits"] and d["memory"]["hbm"] == hardware.CHIPS["v5p"].hbm_bytes
+  assert d["collectives"] and all(set(c["axes"]) <= {"data"} for c in d["collectives"])  # mesh (4, 1, 1)
