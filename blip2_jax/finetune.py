@@ -341,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
   # the trainer's (absl) spellings are accepted too: --max_steps, --num_processes, --process_id
   p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=options.positive_int, default=None,
                  help="stop after this many steps of this run (checkpointed)")
+  p.add_argument("--allow-config-change", "--allow_config_change", dest="allow_config_change", default="",
+                 metavar="KEY[,KEY...]", help="config keys a resumed run may change (e.g. num_epochs,optim.lr; 'all' "
+                 "for any); a resume under another config is refused otherwise")
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
   p.add_argument("--coordinator", default=None, help="host:port of process 0 (with --distributed)")
   p.add_argument("--num-processes", "--num_processes", dest="num_processes", type=options.positive_int, default=None,
@@ -368,6 +371,9 @@ def _main(argv) -> int:
     print(config)
     return 0
   options.check_new_dir(args.workdir, "--workdir")
+  from blip2_jax.train import run_config
+  allow = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
+  run_config.check_resume(args.workdir, config, allow, resuming=run_config.has_checkpoint(args.workdir))
   if args.process_id is not None and args.num_processes is not None and args.process_id >= args.num_processes:
     raise UsageError(f"--process-id {args.process_id}: must be below --num-processes {args.num_processes}")
   if args.task != "caption":
@@ -383,7 +389,8 @@ def _main(argv) -> int:
   try:
     sharding.initialize_distributed(args.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
                                     process_id=args.process_id)
-    loop.train(config, args.workdir, max_steps=args.max_steps)  # prints where the best and the final model went
+    loop.train(config, args.workdir, max_steps=args.max_steps,  # prints where the best and the final model went
+               allow_config_change=allow)
   except BaseException:
     if created:
       options.remove_if_empty(args.workdir)

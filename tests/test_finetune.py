@@ -78,6 +78,12 @@ def test_finetune_improves_the_validation_metric(env, tmp_path, task, capsys):
     assert isinstance(cls.from_pretrained(str(tmp_path / d)), cls)
   if ARCH[task].startswith("InstructBlip"):
     assert os.path.isdir(tmp_path / "best" / "qformer_tokenizer")
+  if task == "caption":  # the same workdir under another learning rate: refused before anything loads
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert finetune.main(_args(env, task, tmp_path, "optim.lr=0.5")) == 2
+    err = capsys.readouterr().err
+    assert "holds a run started with another config (optim.lr: " in err and "--allow-config-change optim.lr" in err
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
 def test_bad_annotations_are_reported_before_any_compute(env, tmp_path, capsys, monkeypatch):

@@ -58,16 +58,20 @@ class Parser(argparse.ArgumentParser):
 
 def run(main, argv=None) -> int:
   """`main(argv)` -> its exit status; UsageError -> "error: ..." and 2, any other exception -> one line
-  and 1, Ctrl-C -> 130. The traceback is printed only when argv holds --debug."""
+  and 1 (or the exception's own `exit_status`, e.g. 143 for a training run preempted by SIGTERM, 2 for
+  a resume under another config), Ctrl-C -> 130. The traceback is printed only when argv holds --debug."""
   argv = sys.argv[1:] if argv is None else list(argv)
   debug = "--debug" in argv
   try:
     return main(argv)
   except UsageError as e:
     return _report(f"error: {e}", EXIT_USAGE, debug)
-  except KeyboardInterrupt:
-    return _report("interrupted", EXIT_INTERRUPTED, debug)
+  except KeyboardInterrupt as e:  # a message, if any, says what was saved (training)
+    return _report(str(e) or "interrupted", EXIT_INTERRUPTED, debug)
   except Exception as e:  # noqa: BLE001 - every failure becomes one line (the traceback with --debug)
+    status = getattr(e, "exit_status", EXIT_FAILED)
+    if status != EXIT_FAILED:  # a stop the exception itself describes (its message is the whole story)
+      return _report(f"{'error: ' if status == EXIT_USAGE else ''}{e}", status, debug)
     hint = "" if debug or _ours(e) else " (--debug shows the traceback)"
     return _report(f"error: {describe(e)}{hint}", EXIT_FAILED, debug)
 

@@ -50,9 +50,13 @@ _PID = flags.DEFINE_integer("process_id", None, "this process's index (with --di
                             lower_bound=0, flag_values=FLAGS)
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "stop after this many steps of this run (checkpointed; also "
                                   "--max-steps)", lower_bound=1, flag_values=FLAGS)
+_ALLOW = flags.DEFINE_list("allow_config_change", [], "config keys a resume may change (e.g. total_steps,optim.lr; "
+                           "'all' for any; also --allow-config-change): a resume under another config is refused "
+                           "otherwise", flag_values=FLAGS)
 _DEBUG = flags.DEFINE_bool("debug", False, "show the Python traceback of an error", flag_values=FLAGS)
 
-ALIASES = {"--max-steps": "--max_steps", "--num-processes": "--num_processes", "--process-id": "--process_id"}
+ALIASES = {"--max-steps": "--max_steps", "--num-processes": "--num_processes", "--process-id": "--process_id",
+           "--allow-config-change": "--allow_config_change"}
 # Config fields that name a model or tokenizer directory (or a Hugging Face Hub id).
 MODEL_DIR_KEYS = ("model.pretrained", "model.vision", "model.qformer_bert", "model.language_model", "tokenizer.llm",
                   "tokenizer.qformer")
@@ -74,6 +78,8 @@ def _main(argv) -> int:
   options.check_new_dir(workdir, "--workdir")
   if _PID.value is not None and _NPROC.value is not None and _PID.value >= _NPROC.value:
     raise UsageError(f"--process_id {_PID.value}: must be below --num_processes {_NPROC.value}")
+  from blip2_jax.train import run_config
+  run_config.check_resume(workdir, config, _ALLOW.value, resuming=run_config.has_checkpoint(workdir))
   resolve_model_dirs(config, overridden)
 
   from absl import logging
@@ -84,7 +90,7 @@ def _main(argv) -> int:
   try:
     sharding.initialize_distributed(_DISTRIBUTED.value, coordinator=_COORD.value, num_processes=_NPROC.value,
                                     process_id=_PID.value)
-    loop.train(config, workdir, max_steps=_MAX_STEPS.value)
+    loop.train(config, workdir, max_steps=_MAX_STEPS.value, allow_config_change=_ALLOW.value)
   except BaseException:
     if created:
       options.remove_if_empty(workdir)

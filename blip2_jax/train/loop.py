@@ -280,25 +280,28 @@ def make_loss_fn(config, setup):
 
 
 class _Interrupt:
-  """SIGTERM (preemption) -> a flag the loop checks after each step, so it saves and stops."""
+  """SIGTERM (preemption) -> a flag the loop checks after each step, so it saves and stops.
+  `ignore_sigint`: Ctrl-C is ignored too (while the final checkpoint is written)."""
 
-  def __init__(self):
+  def __init__(self, ignore_sigint: bool = False):
     self.requested = False
-    self._old = None
+    self._signals = (signal.SIGTERM, signal.SIGINT) if ignore_sigint else (signal.SIGTERM,)
+    self._old = {}
 
   def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._old = None
+    for sig in self._signals:
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
     return self
 
-  def _handle(self, *_):
-    self.requested = True
+  def _handle(self, sig, _frame):
+    self.requested = self.requested or sig == signal.SIGTERM
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (config.peak_tflops overrides).
@@ -378,12 +381,22 @@ class _Logger:
       self.tb.close()
 
 
-def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
+class Preempted(Exception):
+  """SIGTERM stopped the run after its checkpoint was saved; rerunning the same command resumes it.
+  The command lines exit with 143 (128 + SIGTERM, what a shell reports for a process the signal
+  killed), so a scheduler tells a preempted run from a finished one."""
+  exit_status = 143
+
+
+def train(config, workdir: str, *, max_steps: int | None = None, allow_config_change=()) -> dict:
   """Runs (or resumes) the training `config` describes in `workdir`; returns the last metrics.
   `max_steps` stops early (after that many steps of this call) with a checkpoint, for tests.
+  A resume checks `config` against the one the run started with (train/run_config.py:
+  ConfigMismatch naming the keys that differ, unless `allow_config_change` names them).
   A non-finite loss stops the run (FloatingPointError naming the step and the last good
-  checkpoint); the bad state is not saved."""
-  from blip2_jax.train import batches, optim, step as step_lib
+  checkpoint); the bad state is not saved. SIGTERM saves and raises Preempted; Ctrl-C saves and
+  re-raises KeyboardInterrupt."""
+  from blip2_jax.train import batches, optim, run_config, step as step_lib
 
   # Checkpoints go to `workdir` itself (orbax writes gs:// and other remote paths); the logs and the
   # HF export are local files, so for a remote workdir they go to ./runs/<its last component>.
@@ -394,6 +407,11 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
            f"export go to {os.path.abspath(local)}")
   os.makedirs(local, exist_ok=True)
   t0 = time.time()
+  ckpt = Checkpoints(workdir.rstrip("/") + "/checkpoints", config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  run_config.check_resume(workdir, config, allow_config_change, resuming=latest is not None)
+  if jax.process_index() == 0:
+    run_config.write(workdir, config)
   mesh = make_train_mesh(config)
   st = build_setup(config)
   source = make_source(config)
@@ -412,13 +430,17 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   batch_sharding = step_lib.batch_sharding(mesh)
   to_model = batches.make_batch_fn(config, st)
   it = iter(make_loader(config, st, source))
-  ckpt = Checkpoints(workdir.rstrip("/") + "/checkpoints", config.keep_checkpoints)
   start = 0
-  latest = ckpt.latest_step()
   if latest is not None:
     # restore onto this run's mesh (the checkpoint may come from another topology)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-    state, data_state = ckpt.restore(latest, abstract)
+    try:
+      state, data_state = ckpt.restore(latest, abstract)
+    except (ValueError, KeyError, TypeError) as e:  # another model or optimizer than the checkpoint's
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise run_config.ConfigMismatch(
+          f"{ckpt.directory}/{latest} does not fit this config's train state (another model, frozen set or "
+          f"optimizer?): {first}; use a new --workdir") from e
     it.set_state(data_state)
     start = latest
     logger.print(f"resumed from {ckpt.directory}/{latest}")
@@ -460,6 +482,7 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
   stop = steps if max_steps is None else min(steps, start + max_steps)
   flops = peak = None
   done = start
+  ctrl_c = False
   pending = None  # (step, loss array) of the previous step: checked one step late, so the host
   bad = False     # never waits for the device before dispatching the next step
   t_log, n_log = time.time(), 0
@@ -519,14 +542,20 @@ def train(config, workdir: str, *, max_steps: int | None = None) -> dict:
       check(pending)
     except KeyboardInterrupt:
       logger.print(f"interrupted: saving step {done}")
-      stop = done
-      raise
+      stop, ctrl_c = done, True
     finally:
-      if not bad and done > start and ckpt.latest_step() != done:
-        ckpt.save(done, state, it.get_state(), force=True)
-      ckpt.wait()
-      ckpt.close()
-      logger.close()
+      with _Interrupt(ignore_sigint=True):  # a second Ctrl-C must not cut the save short
+        if not bad and done > start and ckpt.latest_step() != done:
+          ckpt.save(done, state, it.get_state(), force=True)
+        ckpt.wait()
+        ckpt.close()
+        logger.close()
+  if interrupt.requested or ctrl_c:
+    saved = ckpt.latest_step()
+    where = f"saved {ckpt.directory}/{saved}" if saved is not None else "no checkpoint yet (stopped before a step)"
+    how = "interrupted (Ctrl-C)" if ctrl_c else "preempted (SIGTERM)"
+    msg = f"{how} at step {done}/{steps}: {where}; rerun the same command to resume"
+    raise KeyboardInterrupt(msg) if ctrl_c else Preempted(msg)
   if stop == steps:
     last.update(run_eval(stop))
     if config.export_hf:
