@@ -105,8 +105,15 @@ def _small_arrays_unsliced(ocp) -> None:
   1 MiB are written whole by one replica instead; large ones stay replica-parallel."""
   if _registered:
     return
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=_MIN_SLICE_BYTES), override=True)
+  absl_log = logging.getLogger("absl")  # orbax warns that the override is an override, on every run
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=_MIN_SLICE_BYTES),
+        override=True)
+  finally:
+    absl_log.setLevel(level)
   _registered.append(True)
 
 
