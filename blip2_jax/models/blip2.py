@@ -17,44 +17,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from blip2_jax.models import layers as L
-from blip2_jax.models import llama, opt, qformer, t5, vit
+from blip2_jax.models import qformer, registry, t5, vit
 from blip2_jax.weights.table import Rule, prefixed
-
-TEXT_MODELS = {"opt": opt, "t5": t5, "llama": llama}
-
-# HF architecture name -> the composite that implements it
-ARCHITECTURES = {
-    "Blip2Model": "Blip2ForConditionalGeneration",
-    "Blip2ForConditionalGeneration": "Blip2ForConditionalGeneration",
-    "Blip2ForImageTextRetrieval": "Blip2ForImageTextRetrieval",
-    "Blip2VisionModelWithProjection": "Blip2VisionModelWithProjection",
-    "Blip2TextModelWithProjection": "Blip2TextModelWithProjection",
-    "InstructBlipForConditionalGeneration": "Blip2ForConditionalGeneration",  # + instruct=True
-}
-
-
-
-# family -> (config class, language-model module)
-TEXT_CLASSES = {
-    "opt": (opt.OPTConfig, opt.OPTForCausalLM),
-    "t5": (t5.T5Config, t5.T5ForConditionalGeneration),
-    "llama": (llama.LlamaConfig, llama.LlamaForCausalLM),
-}
-
-
-def text_family(text_cfg) -> str:
-  for name, (config_cls, _) in TEXT_CLASSES.items():
-    if isinstance(text_cfg, config_cls):
-      return name
-  raise TypeError(f"unsupported text config {type(text_cfg).__name__}")
-
-
-def _config_class(family: str):
-  return TEXT_CLASSES[family][0]
-
-
-def _lm_class(family: str):
-  return TEXT_CLASSES[family][1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +40,16 @@ class Blip2Config:
 
   @property
   def family(self) -> str | None:
-    return None if self.text is None else text_family(self.text)
+    return None if self.text is None else registry.family(self.text).name
 
   @property
   def is_encoder_decoder(self) -> bool:
-    return self.family == "t5"
+    return self.text is not None and registry.family(self.text).encoder_decoder
+
+  @property
+  def kind(self) -> str:
+    """The composite (class name) implementing `architecture`."""
+    return registry.architecture(self.architecture).composite
 
   @classmethod
   def from_hf(cls, hf_config, *, architecture: str | None = None, qformer_dtype: str | None = "float32",
@@ -90,21 +59,16 @@ class Blip2Config:
     HF keeps it) unless that is None."""
     L.check_runtime(runtime)
     arch = architecture or (getattr(hf_config, "architectures", None) or ["Blip2ForConditionalGeneration"])[0]
-    if arch not in ARCHITECTURES:
-      raise ValueError(f"architecture {arch!r} is not a BLIP-2 model; supported: {sorted(ARCHITECTURES)}")
+    caps = registry.capabilities(arch)  # ValueError naming the supported ones
     instruct = hf_config.model_type == "instructblip"
     q_runtime = dict(runtime)
     if qformer_dtype is not None:
       q_runtime["dtype"] = qformer_dtype
       q_runtime["param_dtype"] = "float32"
     text = None
-    if ARCHITECTURES[arch] == "Blip2ForConditionalGeneration":
+    if registry.LM in caps:
       tc = hf_config.text_config
-      family = {"opt": "opt", "t5": "t5", "llama": "llama", "mt5": "t5"}.get(tc.model_type)
-      if family is None:
-        raise ValueError(f"text_config.model_type {tc.model_type!r} is not supported "
-                         "(supported: opt, t5, llama)")
-      text = _config_class(family).from_hf(tc, **runtime)
+      text = registry.family_of_model_type(tc.model_type).config_cls.from_hf(tc, **runtime)
     return cls(
         vision=vit.VisionConfig.from_hf(hf_config.vision_config, **runtime),
         qformer=qformer.QFormerConfig.from_hf(hf_config.qformer_config, **q_runtime),
@@ -136,9 +100,9 @@ class Blip2Config:
     """Changes dtype/scan/remat/... of every tower (the Q-Former keeps its own dtype)."""
     q = {k: v for k, v in runtime.items() if k not in ("dtype", "param_dtype")}
     return dataclasses.replace(
-        self, vision=dataclasses.replace(self.vision, **runtime),
-        qformer=dataclasses.replace(self.qformer, **q),
-        text=None if self.text is None else dataclasses.replace(self.text, **runtime))
+        self, vision=self.vision.replace_runtime(**runtime),
+        qformer=self.qformer.replace_runtime(**q),
+        text=None if self.text is None else self.text.replace_runtime(**runtime))
 
 
 # ----------------------------------------------------------------------------------------
@@ -149,11 +113,6 @@ def _normalize(x, eps=1e-12):
   """torch.nn.functional.normalize: x / max(||x||, eps), in float32."""
   x = x.astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def _dense(cfg_like, features, axes, name, init_std=0.02):
-  return L.Dense(features, axes=axes, dtype=L.dtype_of(cfg_like.dtype),
-                 param_dtype=L.dtype_of(cfg_like.param_dtype), init_std=init_std, name=name)
 
 
 def _query_tokens(module, cfg: Blip2Config):
@@ -188,6 +147,7 @@ class _VisionQueries(nn.Module):
 # composites
 
 
+@registry.composite
 class Blip2ForConditionalGeneration(_VisionQueries):
   """HF Blip2ForConditionalGeneration / Blip2Model / InstructBlipForConditionalGeneration.
 
@@ -203,9 +163,9 @@ class Blip2ForConditionalGeneration(_VisionQueries):
     self.vision_model = vit.VisionModel(cfg.vision)
     self.query_tokens = _query_tokens(self, cfg)
     self.qformer = qformer.QFormerModel(cfg.qformer)
-    self.language_projection = _dense(cfg.text, cfg.text.hidden_size if hasattr(cfg.text, "hidden_size")
-                                      else cfg.text.d_model, (None, "embed"), None, cfg.initializer_range)
-    self.language_model = _lm_class(cfg.family)(cfg.text)
+    self.language_projection = L.dense(cfg.text, cfg.text.hidden_size, (None, "embed"),
+                                       init_std=cfg.initializer_range)
+    self.language_model = registry.family(cfg.text).lm_cls(cfg.text)
 
   def get_image_features(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None,
                          interpolate_pos_encoding=False, deterministic=True):
@@ -250,6 +210,7 @@ class Blip2ForConditionalGeneration(_VisionQueries):
     return dict(feats, logits=out["logits"], language_model_outputs=out)
 
 
+@registry.composite
 class Blip2ForImageTextRetrieval(_VisionQueries):
   """HF Blip2ForImageTextRetrieval: ITC (max over queries of cosine similarity) or ITM scores.
 
@@ -264,9 +225,10 @@ class Blip2ForImageTextRetrieval(_VisionQueries):
     self.query_tokens = _query_tokens(self, cfg)
     self.embeddings = qformer.QFormerTextEmbeddings(q)
     self.qformer = qformer.QFormerModel(q)
-    self.vision_projection = _dense(q, cfg.image_text_hidden_size, ("embed", None), None, cfg.initializer_range)
-    self.text_projection = _dense(q, cfg.image_text_hidden_size, ("embed", None), None, cfg.initializer_range)
-    self.itm_head = _dense(q, 2, ("embed", None), None, cfg.initializer_range)
+    std = cfg.initializer_range
+    self.vision_projection = L.dense(q, cfg.image_text_hidden_size, ("embed", None), init_std=std)
+    self.text_projection = L.dense(q, cfg.image_text_hidden_size, ("embed", None), init_std=std)
+    self.itm_head = L.dense(q, 2, ("embed", None), init_std=std)
 
   def image_features(self, pixel_values, interpolate_pos_encoding=False, deterministic=True):
     """(vision_outputs, qformer_outputs, normalised projected queries (B, Q, E))."""
@@ -324,6 +286,7 @@ class Blip2ForImageTextRetrieval(_VisionQueries):
                 text_model_output=text_out)
 
 
+@registry.composite
 class Blip2VisionModelWithProjection(_VisionQueries):
   """HF Blip2VisionModelWithProjection: normalised projected query outputs (B, Q, E)."""
   config: Blip2Config
@@ -333,8 +296,8 @@ class Blip2VisionModelWithProjection(_VisionQueries):
     self.vision_model = vit.VisionModel(cfg.vision)
     self.query_tokens = _query_tokens(self, cfg)
     self.qformer = qformer.QFormerModel(cfg.qformer)
-    self.vision_projection = _dense(cfg.qformer, cfg.image_text_hidden_size, ("embed", None), None,
-                                    cfg.initializer_range)
+    self.vision_projection = L.dense(cfg.qformer, cfg.image_text_hidden_size, ("embed", None),
+                                     init_std=cfg.initializer_range)
 
   def __call__(self, pixel_values, interpolate_pos_encoding=False, deterministic=True):
     vis = self._vision(pixel_values, interpolate_pos_encoding, deterministic)
@@ -343,6 +306,7 @@ class Blip2VisionModelWithProjection(_VisionQueries):
                 last_hidden_state=vis["last_hidden_state"], vision_outputs=vis, qformer_outputs=qf)
 
 
+@registry.composite
 class Blip2TextModelWithProjection(nn.Module):
   """HF Blip2TextModelWithProjection: normalised projected text states (B, T, E)."""
   config: Blip2Config
@@ -352,8 +316,8 @@ class Blip2TextModelWithProjection(nn.Module):
     self.query_tokens = _query_tokens(self, cfg)  # unused, as in HF, but part of the checkpoint
     self.embeddings = qformer.QFormerTextEmbeddings(cfg.qformer)
     self.qformer = qformer.QFormerModel(cfg.qformer)
-    self.text_projection = _dense(cfg.qformer, cfg.image_text_hidden_size, ("embed", None), None,
-                                  cfg.initializer_range)
+    self.text_projection = L.dense(cfg.qformer, cfg.image_text_hidden_size, ("embed", None),
+                                   init_std=cfg.initializer_range)
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic=True):
     if self.is_initializing():
@@ -364,22 +328,14 @@ class Blip2TextModelWithProjection(nn.Module):
                 last_hidden_state=out["last_hidden_state"], qformer_outputs=out)
 
 
-_CLASSES = {
-    "Blip2ForConditionalGeneration": Blip2ForConditionalGeneration,
-    "Blip2ForImageTextRetrieval": Blip2ForImageTextRetrieval,
-    "Blip2VisionModelWithProjection": Blip2VisionModelWithProjection,
-    "Blip2TextModelWithProjection": Blip2TextModelWithProjection,
-}
-
-
 def build(config: Blip2Config) -> nn.Module:
   """The Flax module for `config.architecture`."""
-  return _CLASSES[ARCHITECTURES[config.architecture]](config)
+  return registry.composite_class(config.architecture)(config)
 
 
 def dummy_inputs(config: Blip2Config, batch: int = 1, text_len: int = 2) -> dict:
   """Keyword arguments that make `build(config).init` create every parameter."""
-  kind = ARCHITECTURES[config.architecture]
+  kind = config.kind
   size = config.vision.image_size
   px = jnp.zeros((batch, size, size, config.vision.num_channels), jnp.float32)
   ids = jnp.ones((batch, text_len), jnp.int32)
@@ -406,16 +362,12 @@ def fit_to_checkpoint(config: Blip2Config, reader) -> Blip2Config:
   return config
 
 
-def _ignore_of(mod, cfg) -> list[str]:
-  return list(mod.hf_ignore(cfg)) if hasattr(mod, "hf_ignore") else list(getattr(mod, "HF_IGNORE", []))
-
-
 def hf_ignore(config: Blip2Config) -> list[str]:
   """Regexes of HF keys that may be present without a rule (buffers, tied copies)."""
-  out = [r"(.*\.)?position_ids"]
-  out += ["vision_model\\." + p for p in _ignore_of(vit, config.vision)]
+  out = qformer.hf_ignore(config.qformer)  # position_ids buffers anywhere
+  out += ["vision_model\\." + p for p in vit.hf_ignore(config.vision)]
   if config.text is not None:
-    out += ["language_model\\." + p for p in _ignore_of(TEXT_MODELS[config.family], config.text)]
+    out += ["language_model\\." + p for p in registry.family(config.text).hf_ignore(config.text)]
   return out
 
 
@@ -426,7 +378,7 @@ def _linear(name: str, hf: str | None = None) -> list[Rule]:
 
 def hf_rules(config: Blip2Config) -> list[Rule]:
   """The composite's HF <-> Flax name table, assembled from each tower's table."""
-  kind = ARCHITECTURES[config.architecture]
+  kind = config.kind
   rules = [Rule("query_tokens", "query_tokens")]
   if kind != "Blip2TextModelWithProjection":
     rules += prefixed(vit.hf_rules(config.vision), "vision_model/", "vision_model.")
@@ -435,7 +387,8 @@ def hf_rules(config: Blip2Config) -> list[Rule]:
     rules += prefixed(qformer.embeddings_hf_rules(config.qformer), "embeddings/", "embeddings.")
   if kind == "Blip2ForConditionalGeneration":
     rules += _linear("language_projection")
-    rules += prefixed(TEXT_MODELS[config.family].hf_rules(config.text), "language_model/", "language_model.")
+    rules += prefixed(registry.family(config.text).hf_rules(config.text), "language_model/",
+                      "language_model.")
   if kind in ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection"):
     rules += _linear("vision_projection")
   if kind in ("Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection"):

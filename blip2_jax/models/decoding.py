@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from blip2_jax.models import llama, opt, t5
+from blip2_jax.models import causal_lm, registry
 
 Array = jax.Array
 StepFn = Callable[[Any, Array, Array], tuple[Array, Any]]
@@ -112,11 +112,10 @@ def prefill(model, params, pixel_values, input_ids=None, attention_mask=None, *,
   if cfg.is_encoder_decoder:
     return _prefill_t5(model, variables, lm_call, embeds, mask, max_new_tokens)
 
-  fam = {"opt": opt, "llama": llama}[cfg.family]
   p = embeds.shape[1]
   full_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), jnp.int32)], axis=1)
-  positions = llama.generation_position_ids(mask)
-  cache = fam.init_cache(text_cfg, b, p + max_new_tokens)
+  positions = causal_lm.generation_position_ids(mask)
+  cache = registry.family(text_cfg).init_cache(text_cfg, b, p + max_new_tokens)
   out = model.apply(variables, method=lm_call(lambda lm: lm(
       inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, cache=cache,
       cache_index=0)))
@@ -136,7 +135,7 @@ def _prefill_t5(model, variables, lm_call, embeds, mask, max_new_tokens):
   enc = model.apply(variables, method=lm_call(lambda lm: lm.encode(
       inputs_embeds=embeds, attention_mask=mask)))
   start = jnp.full((b, 1), text_cfg.decoder_start_token_id, jnp.int32)
-  cache = t5.init_cache(text_cfg, b, max_new_tokens + 1, p)
+  cache = registry.family(text_cfg).init_cache(text_cfg, b, max_new_tokens + 1, p)
   out = model.apply(variables, method=lm_call(lambda lm: lm.decode(
       start, enc, mask, cache=cache, cache_index=0)))
   state = {"cache": _to_batch_major(out["cache"]), "encoder_mask": mask,

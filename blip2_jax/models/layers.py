@@ -1,5 +1,7 @@
-"""Shared layers: the only place attention, norms, dense layers, activations and
-layer stacking (scan / remat / unrolled) are written.
+"""Shared layers: the only place attention, norms, dense layers, activations, the token
+cross-entropy and layer stacking (scan / remat / unrolled) are written, and the runtime fields
+every model config inherits (`Runtime`) with the factories that build layers from them
+(`dense`, `norm`, `embed`).
 
 Logical axis names used on parameters and activations (mapped to mesh axes by
 `blip2_jax.sharding`):
@@ -24,14 +26,7 @@ Array = jax.Array
 
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
 
-# The fields every model config carries besides its HF ones (how to run, not what to compute).
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan", "remat", "attn_impl")
-
-
-def check_runtime(runtime: dict) -> None:
-  bad = set(runtime) - set(RUNTIME_FIELDS)
-  if bad:
-    raise TypeError(f"unknown option(s) {sorted(bad)}; expected some of {RUNTIME_FIELDS}")
+IGNORE_INDEX = -100  # label id that carries no loss (torch / HF ignore_index)
 
 
 def constrain(x: Array, axes: Sequence[str | None]) -> Array:
@@ -43,6 +38,59 @@ def dtype_of(name_or_dtype) -> Any:
   if isinstance(name_or_dtype, str):
     return jnp.dtype(name_or_dtype)
   return name_or_dtype
+
+
+# ----------------------------------------------------------------------------------------
+# runtime fields
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Runtime:
+  """The fields every model config carries besides its HF ones: how to run, not what to compute.
+
+  Model configs inherit them; keyword-only, so a config's own fields keep their positions.
+  `attn_impl` is `attention`'s implementation (None, "xla", "cudnn")."""
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan: bool = False
+  remat: str = "none"
+  attn_impl: str | None = None
+
+  def __post_init__(self):
+    remat_policy(self.remat)  # fails early on an unknown policy
+
+  @property
+  def jdtype(self):
+    """The compute dtype as a jnp dtype."""
+    return dtype_of(self.dtype)
+
+  @property
+  def jparam_dtype(self):
+    return dtype_of(self.param_dtype)
+
+  @property
+  def weight_std(self) -> float:
+    """Std of fresh normal kernels and embeddings (`dense`, `embed`): HF's `initializer_range`;
+    configs that name it otherwise override this."""
+    return self.initializer_range
+
+  @property
+  def runtime(self) -> dict:
+    return {f: getattr(self, f) for f in RUNTIME_FIELDS}
+
+  def replace_runtime(self, **runtime):
+    """A copy with other runtime fields (TypeError naming unknown ones)."""
+    check_runtime(runtime)
+    return dataclasses.replace(self, **runtime)
+
+
+RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(Runtime))
+
+
+def check_runtime(runtime: dict) -> None:
+  bad = set(runtime) - set(RUNTIME_FIELDS)
+  if bad:
+    raise TypeError(f"unknown option(s) {sorted(bad)}; expected some of {RUNTIME_FIELDS}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -171,6 +219,54 @@ class LayerNorm(nn.Module):
       bias = param_with_axes(self, "bias", nn.initializers.zeros, (d,), self.param_dtype, ("norm",))
       y = y + bias.astype(jnp.float32)
     return y.astype(self.dtype)
+
+
+def dense(cfg: Runtime, features: int, axes: Sequence[str | None], name: str | None = None, *,
+          use_bias: bool = True, init_std: float | None = None) -> Dense:
+  """A `Dense` in the config's dtypes; init_std None: `cfg.weight_std`."""
+  return Dense(features, axes=tuple(axes), use_bias=use_bias, dtype=cfg.jdtype,
+               param_dtype=cfg.jparam_dtype,
+               init_std=cfg.weight_std if init_std is None else init_std, name=name)
+
+
+def norm(cfg: Runtime, name: str | None = None, *, eps: float, rms: bool = False,
+         affine: bool = True) -> LayerNorm:
+  """LayerNorm (params `scale`, `bias`), or RMSNorm with rms=True (`scale` only), in the config's
+  dtypes; affine=False: no parameters (OPT's elementwise_affine=False)."""
+  return LayerNorm(eps=eps, rms=rms, use_scale=affine, use_bias=affine and not rms,
+                   dtype=cfg.jdtype, param_dtype=cfg.jparam_dtype, name=name)
+
+
+def embed(cfg: Runtime, num_embeddings: int, features: int, name: str | None = None, *,
+          axes: tuple[str | None, str | None] = ("vocab", "embed"),
+          init_std: float | None = None) -> Embed:
+  """An `Embed` table in the config's dtypes; init_std None: `cfg.weight_std`."""
+  return Embed(num_embeddings, features, dtype=cfg.jdtype, param_dtype=cfg.jparam_dtype,
+               init_std=cfg.weight_std if init_std is None else init_std, axes=axes, name=name)
+
+
+# ----------------------------------------------------------------------------------------
+# loss
+
+
+def cross_entropy(logits: Array, labels: Array, *, label_smoothing: float = 0.0,
+                  ignore_index: int = IGNORE_INDEX, reduction: str = "mean") -> Array:
+  """torch.nn.functional.cross_entropy over the last axis, in float32: label smoothing as torch
+  ((1 - e) * nll + e * mean over classes of -log p), `ignore_index` rows dropped, "mean" over the
+  kept rows (0 when none) or "sum". With the defaults it is HF's LM loss."""
+  if reduction not in ("mean", "sum"):
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  labels = jnp.asarray(labels)
+  keep = labels != ignore_index
+  safe = jnp.where(keep, labels, 0)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  if label_smoothing:
+    nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+  total = jnp.sum(jnp.where(keep, nll, 0.0))
+  if reduction == "sum":
+    return total
+  return total / jnp.maximum(jnp.sum(keep), 1).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------

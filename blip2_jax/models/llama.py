@@ -7,6 +7,7 @@ Parameter tree (unrolled), mirroring HF names:
   model/layers_{i}/{input,post_attention}_layernorm/scale
   model/norm/scale
   lm_head/kernel                                (untied models only)
+The head, the input handling and the cache plumbing are `causal_lm`'s.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax.models import causal_lm
 from blip2_jax.models import layers as L
 from blip2_jax.weights.table import Rule
 
@@ -26,7 +28,7 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(L.Runtime):
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 11008
@@ -53,14 +55,9 @@ class LlamaConfig:
   pad_token_id: int | None = None
   bos_token_id: int | None = 1
   eos_token_id: Any = 2  # int or tuple of ints
-  # runtime
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan: bool = False
-  remat: str = "none"
-  attn_impl: str | None = None
 
   def __post_init__(self):
+    super().__post_init__()
     if self.num_key_value_heads is None:
       object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
     if self.head_dim is None:
@@ -178,14 +175,8 @@ def apply_rope(x, cos, sin):
 # modules
 
 
-def _dense(cfg, features, axes, use_bias, name):
-  return L.Dense(features, axes=axes, use_bias=use_bias, dtype=L.dtype_of(cfg.dtype),
-                 param_dtype=L.dtype_of(cfg.param_dtype), init_std=cfg.initializer_range, name=name)
-
-
 def _rms(cfg, name):
-  return L.LayerNorm(eps=cfg.rms_norm_eps, rms=True, use_bias=False, dtype=L.dtype_of(cfg.dtype),
-                     param_dtype=L.dtype_of(cfg.param_dtype), name=name)
+  return L.norm(cfg, name, eps=cfg.rms_norm_eps, rms=True)
 
 
 class LlamaAttention(nn.Module):
@@ -193,39 +184,23 @@ class LlamaAttention(nn.Module):
 
   def setup(self):
     cfg = self.config
-    nq, nkv, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    self.q_proj = _dense(cfg, nq * h, ("embed", "heads"), cfg.attention_bias, "q_proj")
-    self.k_proj = _dense(cfg, nkv * h, ("embed", "kv_heads"), cfg.attention_bias, "k_proj")
-    self.v_proj = _dense(cfg, nkv * h, ("embed", "kv_heads"), cfg.attention_bias, "v_proj")
-    self.o_proj = _dense(cfg, cfg.hidden_size, ("heads", "embed"), cfg.attention_bias, "o_proj")
-
-  def qkv(self, x, cos, sin):
-    """(B, T, D) -> rotated q (B, T, N, H), rotated k and v (B, T, K, H)."""
-    cfg = self.config
-    q = L.split_heads(self.q_proj(x), cfg.num_attention_heads)
-    k = L.split_heads(self.k_proj(x), cfg.num_key_value_heads)
-    v = L.split_heads(self.v_proj(x), cfg.num_key_value_heads)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-  def attend(self, q, k, v, bias):
-    """The attention core: (B, T, N, H) queries against (B, S, K, H) keys/values."""
-    cfg = self.config
-    out = L.attention(q, k, v, bias=bias, scale=cfg.head_dim ** -0.5,
-                      implementation=cfg.attn_impl, dtype=L.dtype_of(cfg.dtype))
-    return self.o_proj(L.merge_heads(out))
+    nq, nkv, h, bias = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.attention_bias
+    self.q_proj = L.dense(cfg, nq * h, ("embed", "heads"), "q_proj", use_bias=bias)
+    self.k_proj = L.dense(cfg, nkv * h, ("embed", "kv_heads"), "k_proj", use_bias=bias)
+    self.v_proj = L.dense(cfg, nkv * h, ("embed", "kv_heads"), "v_proj", use_bias=bias)
+    self.o_proj = L.dense(cfg, cfg.hidden_size, ("heads", "embed"), "o_proj", use_bias=bias)
 
   def __call__(self, x, bias, cos, sin, cache_index=None, cache=None):
-    """With `cache` ({"k", "v"}: head-major (B, K, S, H)) the new rotated keys and values go to
-    slots cache_index.. and the queries attend over all S slots; returns (out, new cache)."""
-    q, k, v = self.qkv(x, cos, sin)
-    if cache is None:
-      return self.attend(q, k, v, bias)
-    k = L.cache_update(cache["k"], k, cache_index)
-    v = L.cache_update(cache["v"], v, cache_index)
+    """-> out, or (out, new cache) with a per-layer `cache` of rotated keys and values (see
+    causal_lm.self_attention)."""
     cfg = self.config
-    out = L.cached_attention(q, k, v, bias=bias, scale=cfg.head_dim ** -0.5,
-                             dtype=L.dtype_of(cfg.dtype))
-    return self.o_proj(L.merge_heads(out)), {"k": k, "v": v}
+    q = apply_rope(L.split_heads(self.q_proj(x), cfg.num_attention_heads), cos, sin)
+    k = apply_rope(L.split_heads(self.k_proj(x), cfg.num_key_value_heads), cos, sin)
+    v = L.split_heads(self.v_proj(x), cfg.num_key_value_heads)
+    out, cache = causal_lm.self_attention(q, k, v, bias, scale=cfg.head_dim ** -0.5, config=cfg,
+                                          cache=cache, cache_index=cache_index)
+    out = self.o_proj(L.merge_heads(out))
+    return out if cache is None else (out, cache)
 
 
 class LlamaMLP(nn.Module):
@@ -234,10 +209,11 @@ class LlamaMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, "gate_proj")(x)
-    up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), cfg.mlp_bias, "up_proj")(x)
+    d, m, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+    gate = L.dense(cfg, m, ("embed", "mlp"), "gate_proj", use_bias=bias)(x)
+    up = L.dense(cfg, m, ("embed", "mlp"), "up_proj", use_bias=bias)(x)
     h = L.constrain(L.activation(cfg.hidden_act)(gate) * up, (L.BATCH, L.LENGTH, "activation_mlp"))
-    return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), cfg.mlp_bias, "down_proj")(h)
+    return L.dense(cfg, d, ("mlp", "embed"), "down_proj", use_bias=bias)(h)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -259,16 +235,8 @@ class LlamaDecoderLayer(nn.Module):
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype=None) -> dict:
   """Empty key/value cache {"k", "v"}: (num_layers, batch, kv_heads, max_length, head_dim)."""
-  shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_length, config.head_dim)
-  dt = L.dtype_of(dtype or config.dtype)
-  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
-
-
-def generation_position_ids(mask):
-  """Positions HF `generate` feeds for a (B, T) prompt mask: `cumsum(mask) - 1`, pads 0
-  (GenerationMixin._prepare_position_ids_for_generation, transformers 5.23)."""
-  mask = mask.astype(jnp.int32)
-  return jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=1) - 1)
+  return causal_lm.init_cache(config.num_hidden_layers, config.num_key_value_heads,
+                              config.head_dim, batch, max_length, dtype or config.dtype)
 
 
 class LlamaModel(nn.Module):
@@ -276,19 +244,20 @@ class LlamaModel(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embed_tokens = L.Embed(cfg.vocab_size, cfg.hidden_size, dtype=L.dtype_of(cfg.dtype),
-                                param_dtype=L.dtype_of(cfg.param_dtype),
-                                init_std=cfg.initializer_range)
+    self.embed_tokens = L.embed(cfg, cfg.vocab_size, cfg.hidden_size)
     self.norm = _rms(cfg, "norm")
 
+  def attend(self, h):
+    return self.embed_tokens.attend(h)
+
   @nn.compact
-  def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, cache=None,
-               cache_index=None):
-    """Without `cache`: a full forward, `attention_mask` (B, T). With `cache` (init_cache,
-    S slots) the T inputs sit at slots cache_index..cache_index+T-1, `attention_mask` (B, S)
-    marks valid slots (None: all), and the result is (hidden, new cache)."""
+  def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, *, deterministic=True,
+               cache=None, cache_index=None):
+    """-> (hidden, new cache or None); masks and cache as `causal_lm.run_layers`."""
     cfg = self.config
-    b, t = inputs_embeds.shape[:2]
+    if not deterministic and cfg.attention_dropout > 0:
+      raise NotImplementedError("attention_dropout > 0 in training is not implemented")
+    t = inputs_embeds.shape[1]
     if position_ids is None and cache is not None:
       position_ids = (cache_index + jnp.arange(t))[None]  # as HF's arange + past length
     if position_ids is None:
@@ -297,59 +266,18 @@ class LlamaModel(nn.Module):
     position_ids = position_ids[None] if position_ids.ndim == 1 else position_ids
     # = HF create_causal_mask on a default forward (use_cache=True, so no packed-sequence
     # detection): explicit position_ids move RoPE only, never the mask.
-    x = L.constrain(inputs_embeds.astype(L.dtype_of(cfg.dtype)), ACT_AXES)
+    x = L.constrain(inputs_embeds.astype(cfg.jdtype), ACT_AXES)
     cos, sin = rope_cos_sin(cfg, jnp.broadcast_to(position_ids, (position_ids.shape[0], t)),
-                            L.dtype_of(cfg.dtype))
-    stack = L.LayerStack(LlamaDecoderLayer, {"config": cfg}, cfg.num_hidden_layers,
-                         scan=cfg.scan, remat=cfg.remat)
-    nn.share_scope(self, stack)  # layers appear as model/layers_{i}, like HF
-    if cache is None:
-      x = stack(x, L.causal_padding_bias(attention_mask, t), cos, sin)
-      return L.constrain(self.norm(x), ACT_AXES)
-    bias = L.cached_causal_bias(attention_mask, t, cache["k"].shape[3], cache_index)
-    x, cache = stack(x, bias, cos, sin, cache_index, xs=cache)
+                            cfg.jdtype)
+    x, cache = causal_lm.run_layers(self, LlamaDecoderLayer, {"config": cfg}, x, attention_mask,
+                                    cos, sin, cache=cache, cache_index=cache_index)
     return L.constrain(self.norm(x), ACT_AXES), cache
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(causal_lm.CausalLM):
   """HF LlamaForCausalLM: `inputs_embeds` (B, T, hidden) replaces the embedding lookup."""
   config: LlamaConfig
-
-  def setup(self):
-    cfg = self.config
-    self.model = LlamaModel(cfg)
-    if not cfg.tie_word_embeddings:
-      self.lm_head = _dense(cfg, cfg.vocab_size, ("embed", "vocab"), False, "lm_head")
-
-  def embed_tokens(self, input_ids):
-    """= HF `get_input_embeddings()(input_ids)`, in config.dtype."""
-    return self.model.embed_tokens(input_ids)
-
-  def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-               deterministic: bool = True, cache=None, cache_index=None):
-    """-> dict(logits, last_hidden_state[, cache]). With `cache` (init_cache) and `cache_index`
-    (int32 scalar, may be traced): cached decoding, `attention_mask` (B, S) over cache slots."""
-    cfg = self.config
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("pass exactly one of input_ids or inputs_embeds")
-    if not deterministic and cfg.attention_dropout > 0:
-      raise NotImplementedError("attention_dropout > 0 in training is not implemented")
-    if input_ids is not None:
-      inputs_embeds = self.embed_tokens(input_ids)
-    elif self.is_initializing():
-      self.embed_tokens(jnp.zeros((1, 1), jnp.int32))  # create the table on an embeds-only init
-    h = self.model(inputs_embeds, attention_mask, position_ids, cache, cache_index)
-    if cache is not None:
-      h, cache = h
-    if cfg.tie_word_embeddings:
-      logits = self.model.embed_tokens.attend(h)
-    else:
-      logits = self.lm_head(h)
-    logits = L.constrain(logits, (L.BATCH, L.LENGTH, "activation_vocab"))
-    out = {"logits": logits, "last_hidden_state": h}
-    if cache is not None:
-      out["cache"] = cache
-    return out
+  model_cls = LlamaModel
 
 
 # ----------------------------------------------------------------------------------------
@@ -375,7 +303,8 @@ def hf_rules(config: LlamaConfig) -> list[Rule]:
   return rules
 
 
-# lm_head.weight may be saved alongside a tied embedding; rotary inv_freq buffers appear in
-# some old checkpoints (non-persistent in current HF).
-HF_IGNORE: list[str] = [r"lm_head\.weight", r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
-                        r"model\.rotary_emb\.inv_freq"]
+def hf_ignore(config: LlamaConfig) -> list[str]:
+  """HF keys that may be present without a rule: lm_head.weight saved alongside a tied embedding,
+  rotary inv_freq buffers of old checkpoints (non-persistent in current HF)."""
+  return [r"lm_head\.weight", r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+          r"model\.rotary_emb\.inv_freq"]

@@ -7,6 +7,7 @@ Parameter tree (unrolled), mirroring HF names:
   model/decoder/layers_{i}/self_attn/{q,k,v,out}_proj, self_attn_layer_norm, fc1, fc2, final_layer_norm
   model/decoder/final_layer_norm                (pre-LN models only)
   lm_head/kernel                                (untied models only)
+The head, the input handling and the cache plumbing are `causal_lm`'s.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from blip2_jax.models import causal_lm
 from blip2_jax.models import layers as L
 from blip2_jax.weights.table import Rule
 
@@ -26,7 +28,7 @@ LN_EPS = 1e-5  # torch nn.LayerNorm default; OPT has no config field for it
 
 
 @dataclasses.dataclass(frozen=True)
-class OPTConfig:
+class OPTConfig(L.Runtime):
   vocab_size: int = 50272
   hidden_size: int = 768
   num_hidden_layers: int = 12
@@ -47,14 +49,9 @@ class OPTConfig:
   pad_token_id: int | None = 1
   bos_token_id: int | None = 2
   eos_token_id: Any = 2  # int or tuple of ints
-  # runtime
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan: bool = False
-  remat: str = "none"
-  attn_impl: str | None = None
 
   def __post_init__(self):
+    super().__post_init__()
     if self.word_embed_proj_dim is None:
       object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
     if isinstance(self.eos_token_id, list):
@@ -67,6 +64,10 @@ class OPTConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_attention_heads
+
+  @property
+  def weight_std(self) -> float:
+    return self.init_std
 
   @property
   def has_final_layer_norm(self) -> bool:
@@ -116,15 +117,7 @@ class OPTConfig:
 
 def _norm(cfg, name):
   # Params sit directly under `name` (HF: `<name>.weight`, `<name>.bias`).
-  affine = cfg.layer_norm_elementwise_affine
-  return L.LayerNorm(eps=LN_EPS, use_scale=affine, use_bias=affine, dtype=L.dtype_of(cfg.dtype),
-                     param_dtype=L.dtype_of(cfg.param_dtype), name=name)
-
-
-def _dense(cfg, features, axes, name, use_bias=None):
-  return L.Dense(features, axes=axes, use_bias=cfg.enable_bias if use_bias is None else use_bias,
-                 dtype=L.dtype_of(cfg.dtype), param_dtype=L.dtype_of(cfg.param_dtype),
-                 init_std=cfg.init_std, name=name)
+  return L.norm(cfg, name, eps=LN_EPS, affine=cfg.layer_norm_elementwise_affine)
 
 
 class OPTAttention(nn.Module):
@@ -133,37 +126,21 @@ class OPTAttention(nn.Module):
   def setup(self):
     cfg = self.config
     d = cfg.hidden_size
-    self.q_proj = _dense(cfg, d, ("embed", "heads"), "q_proj")
-    self.k_proj = _dense(cfg, d, ("embed", "heads"), "k_proj")
-    self.v_proj = _dense(cfg, d, ("embed", "heads"), "v_proj")
-    self.out_proj = _dense(cfg, d, ("heads", "embed"), "out_proj")
+    self.q_proj = L.dense(cfg, d, ("embed", "heads"), "q_proj", use_bias=cfg.enable_bias)
+    self.k_proj = L.dense(cfg, d, ("embed", "heads"), "k_proj", use_bias=cfg.enable_bias)
+    self.v_proj = L.dense(cfg, d, ("embed", "heads"), "v_proj", use_bias=cfg.enable_bias)
+    self.out_proj = L.dense(cfg, d, ("heads", "embed"), "out_proj", use_bias=cfg.enable_bias)
 
-  def qkv(self, x):
-    """(B, T, D) -> q, k, v of shape (B, T, N, H); q is already scaled like HF."""
+  def __call__(self, x, bias, cache_index=None, cache=None):
+    """-> out, or (out, new cache) with a per-layer `cache` (see causal_lm.self_attention)."""
     cfg = self.config
     # HF scales q right after the projection and calls attention with scaling 1.0.
     q = self.q_proj(x) * (cfg.head_dim ** -0.5)
-    k, v = self.k_proj(x), self.v_proj(x)
-    return tuple(L.split_heads(t, cfg.num_attention_heads) for t in (q, k, v))
-
-  def attend(self, q, k, v, bias):
-    """The attention core on (B, T, N, H) queries against (B, S, N, H) keys/values."""
-    cfg = self.config
-    out = L.attention(q, k, v, bias=bias, scale=1.0, implementation=cfg.attn_impl,
-                      dtype=L.dtype_of(cfg.dtype))
-    return self.out_proj(L.merge_heads(out))
-
-  def __call__(self, x, bias, cache_index=None, cache=None):
-    """With `cache` ({"k", "v"}: head-major (B, N, S, H)) the new keys/values are written at slots
-    cache_index.. and the queries attend over all S slots (`bias` masks them); returns
-    (out, new cache)."""
-    q, k, v = self.qkv(x)
-    if cache is None:
-      return self.attend(q, k, v, bias)
-    k = L.cache_update(cache["k"], k, cache_index)
-    v = L.cache_update(cache["v"], v, cache_index)
-    out = L.cached_attention(q, k, v, bias=bias, scale=1.0, dtype=L.dtype_of(self.config.dtype))
-    return self.out_proj(L.merge_heads(out)), {"k": k, "v": v}
+    q, k, v = (L.split_heads(t, cfg.num_attention_heads) for t in (q, self.k_proj(x), self.v_proj(x)))
+    out, cache = causal_lm.self_attention(q, k, v, bias, scale=1.0, config=cfg, cache=cache,
+                                          cache_index=cache_index)
+    out = self.out_proj(L.merge_heads(out))
+    return out if cache is None else (out, cache)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -191,9 +168,9 @@ class OPTDecoderLayer(nn.Module):
 
     residual = x
     h = _norm(cfg, "final_layer_norm")(x) if pre else x
-    h = _dense(cfg, cfg.ffn_dim, ("embed", "mlp"), "fc1")(h)
+    h = L.dense(cfg, cfg.ffn_dim, ("embed", "mlp"), "fc1", use_bias=cfg.enable_bias)(h)
     h = L.constrain(L.activation(cfg.activation_function)(h), (L.BATCH, L.LENGTH, "activation_mlp"))
-    h = _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "fc2")(h)
+    h = L.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "fc2", use_bias=cfg.enable_bias)(h)
     x = residual + drop(h, deterministic=self.deterministic)
     if not pre:
       x = _norm(cfg, "final_layer_norm")(x)
@@ -209,9 +186,8 @@ def position_ids_from_mask(mask):
 
 def init_cache(config: OPTConfig, batch: int, max_length: int, dtype=None) -> dict:
   """Empty key/value cache {"k", "v"}: (num_layers, batch, heads, max_length, head_dim)."""
-  shape = (config.num_hidden_layers, batch, config.num_attention_heads, max_length, config.head_dim)
-  dt = L.dtype_of(dtype or config.dtype)
-  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+  return causal_lm.init_cache(config.num_hidden_layers, config.num_attention_heads,
+                              config.head_dim, batch, max_length, dtype or config.dtype)
 
 
 class OPTDecoder(nn.Module):
@@ -219,25 +195,20 @@ class OPTDecoder(nn.Module):
 
   def setup(self):
     cfg = self.config
-    dt, pdt = L.dtype_of(cfg.dtype), L.dtype_of(cfg.param_dtype)
-    self.embed_tokens = L.Embed(cfg.vocab_size, cfg.word_embed_proj_dim, dtype=dt, param_dtype=pdt,
-                                init_std=cfg.init_std)
-    self.embed_positions = L.Embed(cfg.max_position_embeddings + POS_OFFSET, cfg.hidden_size,
-                                   dtype=dt, param_dtype=pdt, init_std=cfg.init_std,
+    self.embed_tokens = L.embed(cfg, cfg.vocab_size, cfg.word_embed_proj_dim)
+    self.embed_positions = L.embed(cfg, cfg.max_position_embeddings + POS_OFFSET, cfg.hidden_size,
                                    axes=("pos", "embed"))
     if cfg.has_projections:
-      self.project_in = _dense(cfg, cfg.hidden_size, (None, "embed"), "project_in", use_bias=False)
-      self.project_out = _dense(cfg, cfg.word_embed_proj_dim, ("embed", None), "project_out",
-                                use_bias=False)
+      self.project_in = L.dense(cfg, cfg.hidden_size, (None, "embed"), "project_in", use_bias=False)
+      self.project_out = L.dense(cfg, cfg.word_embed_proj_dim, ("embed", None), "project_out",
+                                 use_bias=False)
     if cfg.has_final_layer_norm:
       self.final_layer_norm = _norm(cfg, "final_layer_norm")
 
   @nn.compact
-  def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, deterministic=True,
+  def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, *, deterministic=True,
                cache=None, cache_index=None):
-    """Without `cache`: a full forward, `attention_mask` (B, T). With `cache` (see init_cache,
-    S slots) the T inputs sit at slots cache_index..cache_index+T-1, `attention_mask` (B, S)
-    marks valid slots (None: all), and the result is (hidden, new cache)."""
+    """-> (hidden, new cache or None); masks and cache as `causal_lm.run_layers`."""
     cfg = self.config
     b, t = inputs_embeds.shape[:2]
     if cfg.layerdrop > 0 and not deterministic:
@@ -252,28 +223,22 @@ class OPTDecoder(nn.Module):
       pos_mask = attention_mask if attention_mask is not None else jnp.ones((b, t), jnp.int32)
       position_ids = position_ids_from_mask(pos_mask)
     pos = self.embed_positions(jnp.asarray(position_ids) + POS_OFFSET)
-    x = inputs_embeds.astype(L.dtype_of(cfg.dtype))
+    x = inputs_embeds.astype(cfg.jdtype)
     if cfg.has_projections:
       x = self.project_in(x)
     x = L.constrain(x + pos, ACT_AXES)
-    stack = L.LayerStack(OPTDecoderLayer, {"config": cfg, "deterministic": deterministic},
-                         cfg.num_hidden_layers, scan=cfg.scan, remat=cfg.remat)
-    nn.share_scope(self, stack)  # layers appear as decoder/layers_{i}, like HF
-    if cache is None:
-      x = stack(x, L.causal_padding_bias(attention_mask, t))
-    else:
-      s = cache["k"].shape[3]
-      bias = L.cached_causal_bias(attention_mask, t, s, cache_index)
-      x, cache = stack(x, bias, cache_index, xs=cache)
+    x, cache = causal_lm.run_layers(self, OPTDecoderLayer,
+                                    {"config": cfg, "deterministic": deterministic}, x,
+                                    attention_mask, cache=cache, cache_index=cache_index)
     if cfg.has_final_layer_norm:
       x = self.final_layer_norm(x)
     if cfg.has_projections:
       x = self.project_out(x)
-    x = L.constrain(x, ACT_AXES)
-    return x if cache is None else (x, cache)
+    return L.constrain(x, ACT_AXES), cache
 
 
 class OPTModel(nn.Module):
+  """HF OPTModel: the decoder under `decoder/`."""
   config: OPTConfig
 
   def setup(self):
@@ -282,50 +247,17 @@ class OPTModel(nn.Module):
   def embed_tokens(self, input_ids):
     return self.decoder.embed_tokens(input_ids)
 
-  def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, deterministic=True,
-               cache=None, cache_index=None):
-    return self.decoder(inputs_embeds, attention_mask, position_ids, deterministic, cache,
-                        cache_index)
+  def attend(self, h):
+    return self.decoder.embed_tokens.attend(h)
+
+  def __call__(self, inputs_embeds, attention_mask=None, position_ids=None, **kw):
+    return self.decoder(inputs_embeds, attention_mask, position_ids, **kw)
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(causal_lm.CausalLM):
   """HF OPTForCausalLM. `inputs_embeds` live in word_embed_proj_dim space (before project_in)."""
   config: OPTConfig
-
-  def setup(self):
-    cfg = self.config
-    self.model = OPTModel(cfg)
-    if not cfg.tie_word_embeddings:
-      self.lm_head = L.Dense(cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
-                             dtype=L.dtype_of(cfg.dtype), param_dtype=L.dtype_of(cfg.param_dtype),
-                             init_std=cfg.init_std)
-
-  def embed_tokens(self, input_ids):
-    """= HF `get_input_embeddings()(input_ids)` (before project_in), in config.dtype."""
-    return self.model.embed_tokens(input_ids)
-
-  def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-               deterministic: bool = True, cache=None, cache_index=None):
-    """-> dict(logits, last_hidden_state[, cache]). With `cache` (init_cache) and `cache_index`
-    (int32 scalar, may be traced): cached decoding, `attention_mask` (B, S) over cache slots."""
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("pass exactly one of input_ids or inputs_embeds")
-    if input_ids is not None:
-      inputs_embeds = self.embed_tokens(input_ids)
-    elif self.is_initializing():
-      self.embed_tokens(jnp.zeros((1, 1), jnp.int32))  # create the table on an embeds-only init
-    h = self.model(inputs_embeds, attention_mask, position_ids, deterministic, cache, cache_index)
-    if cache is not None:
-      h, cache = h
-    if self.config.tie_word_embeddings:
-      logits = self.model.decoder.embed_tokens.attend(h)
-    else:
-      logits = self.lm_head(h)
-    logits = L.constrain(logits, (L.BATCH, L.LENGTH, "activation_vocab"))
-    out = {"logits": logits, "last_hidden_state": h}
-    if cache is not None:
-      out["cache"] = cache
-    return out
+  model_cls = OPTModel
 
 
 # ----------------------------------------------------------------------------------------
@@ -363,5 +295,7 @@ def hf_rules(config: OPTConfig) -> list[Rule]:
   return rules
 
 
-# lm_head.weight may be saved alongside a tied embedding; it is the same tensor then.
-HF_IGNORE: list[str] = [r"lm_head\.weight"]
+def hf_ignore(config: OPTConfig) -> list[str]:
+  """HF keys that may be present without a rule: lm_head.weight may be saved alongside a tied
+  embedding (the same tensor then)."""
+  return [r"lm_head\.weight"]

@@ -53,7 +53,7 @@ _HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_h
 
 
 @dataclasses.dataclass(frozen=True)
-class QFormerConfig:
+class QFormerConfig(L.Runtime):
   vocab_size: int = 30522
   hidden_size: int = 768
   num_hidden_layers: int = 12
@@ -70,14 +70,9 @@ class QFormerConfig:
   encoder_hidden_size: int = 1408
   use_qformer_text_input: bool = False
   layout: str = "blip2"  # "blip2" | "instructblip" (where the text embeddings live, see top)
-  # runtime
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan: bool = False
-  remat: str = "none"
-  attn_impl: str | None = None
 
   def __post_init__(self):
+    super().__post_init__()
     if self.layout not in LAYOUTS:
       raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
     if self.layout == "instructblip" and not self.use_qformer_text_input:
@@ -93,7 +88,6 @@ class QFormerConfig:
                        f"by cross_attention_frequency ({self.cross_attention_frequency}); "
                        "use scan=False")
     L.activation(self.hidden_act)
-    L.remat_policy(self.remat)
 
   @property
   def has_text_ffn(self) -> bool:
@@ -187,14 +181,8 @@ def itg_mask(query_len: int, text_mask) -> jax.Array:
 # modules
 
 
-def _dense(cfg, features, axes, name):
-  return L.Dense(features, axes, dtype=L.dtype_of(cfg.dtype),
-                 param_dtype=L.dtype_of(cfg.param_dtype), init_std=cfg.initializer_range, name=name)
-
-
 def _norm(cfg, name):
-  return L.LayerNorm(eps=cfg.layer_norm_eps, dtype=L.dtype_of(cfg.dtype),
-                     param_dtype=L.dtype_of(cfg.param_dtype), name=name)
+  return L.norm(cfg, name, eps=cfg.layer_norm_eps)
 
 
 class QFormerMultiHeadAttention(nn.Module):
@@ -207,10 +195,10 @@ class QFormerMultiHeadAttention(nn.Module):
     cfg = self.config
     n, d = cfg.num_attention_heads, cfg.hidden_size
     src = x if kv is None else kv
-    q = L.split_heads(_dense(cfg, d, ("embed", "heads"), "query")(x), n)
-    k = L.split_heads(_dense(cfg, d, ("embed", "heads"), "key")(src), n)
-    v = L.split_heads(_dense(cfg, d, ("embed", "heads"), "value")(src), n)
-    dt = L.dtype_of(cfg.dtype)
+    q = L.split_heads(L.dense(cfg, d, ("embed", "heads"), "query")(x), n)
+    k = L.split_heads(L.dense(cfg, d, ("embed", "heads"), "key")(src), n)
+    v = L.split_heads(L.dense(cfg, d, ("embed", "heads"), "value")(src), n)
+    dt = cfg.jdtype
     train = not deterministic and cfg.attention_probs_dropout_prob > 0.0
     out = L.attention(q, k, v, bias=bias, implementation=cfg.attn_impl, dtype=dt,
                       dropout_rate=cfg.attention_probs_dropout_prob if train else 0.0,
@@ -226,7 +214,7 @@ class QFormerSelfOutput(nn.Module):
   @nn.compact
   def __call__(self, h, residual, deterministic=True):
     cfg = self.config
-    h = _dense(cfg, cfg.hidden_size, self.axes, "dense")(h)
+    h = L.dense(cfg, cfg.hidden_size, self.axes, "dense")(h)
     h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
     return _norm(cfg, "LayerNorm")(h + residual)
 
@@ -248,7 +236,7 @@ class QFormerIntermediate(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    h = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "dense")(x)
+    h = L.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "dense")(x)
     return L.constrain(L.activation(cfg.hidden_act)(h), (L.BATCH, L.LENGTH, "activation_mlp"))
 
 
@@ -289,7 +277,7 @@ class QFormerLayer(nn.Module):
       out = self._ffn(att, "")
       used.add("text")
     if self.is_initializing():  # create the params of branches this input did not use
-      dummy = jnp.zeros((1, 1, cfg.hidden_size), L.dtype_of(cfg.dtype))
+      dummy = jnp.zeros((1, 1, cfg.hidden_size), cfg.jdtype)
       if self.has_cross and "cross" not in used:
         QFormerAttention(cfg, cross=True, name="crossattention")(
             dummy, None, jnp.zeros((1, 1, cfg.encoder_hidden_size), dummy.dtype), True)
@@ -346,11 +334,9 @@ def _encoder(cfg: QFormerConfig, query_length: int, deterministic: bool):
 def _word_pos(cfg, ids, position_ids):
   """word + position embeddings (submodules `word_embeddings`, `position_embeddings` of the
   calling module); text positions start at 0 whatever the number of queries."""
-  kw = dict(dtype=L.dtype_of(cfg.dtype), param_dtype=L.dtype_of(cfg.param_dtype),
-            init_std=cfg.initializer_range)
-  word = L.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings", **kw)
-  pos = L.Embed(cfg.max_position_embeddings, cfg.hidden_size, axes=("pos", "embed"),
-                name="position_embeddings", **kw)
+  word = L.embed(cfg, cfg.vocab_size, cfg.hidden_size, "word_embeddings")
+  pos = L.embed(cfg, cfg.max_position_embeddings, cfg.hidden_size, "position_embeddings",
+                axes=("pos", "embed"))
   if position_ids is None:
     position_ids = jnp.arange(ids.shape[1])[None]
   return word(ids) + pos(jnp.broadcast_to(position_ids, ids.shape))
@@ -372,7 +358,7 @@ class QFormerEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, query_embeds=None, input_ids=None, position_ids=None, deterministic=True):
     cfg = self.config
-    parts = [] if query_embeds is None else [query_embeds.astype(L.dtype_of(cfg.dtype))]
+    parts = [] if query_embeds is None else [query_embeds.astype(cfg.jdtype)]
     if input_ids is not None:
       parts.append(_word_pos(cfg, input_ids, position_ids))
     elif self.is_initializing():
@@ -404,7 +390,7 @@ class QFormerModel(nn.Module):
                encoder_hidden_states=None, encoder_attention_mask=None, deterministic=True,
                text_embeds=None, position_ids=None):
     cfg = self.config
-    dt = L.dtype_of(cfg.dtype)
+    dt = cfg.jdtype
     ql = 0 if query_embeds is None else query_embeds.shape[1]
     if cfg.layout == "instructblip":
       if text_embeds is not None:
@@ -465,7 +451,7 @@ class _LMTransform(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    x = _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "dense")(x)
+    x = L.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "dense")(x)
     return _norm(cfg, "LayerNorm")(L.activation(cfg.hidden_act)(x))
 
 
@@ -478,7 +464,7 @@ class QFormerLMHead(nn.Module):
   @nn.compact
   def __call__(self, hidden_states, word_embeddings=None):
     cfg = self.config
-    dt = L.dtype_of(cfg.dtype)
+    dt = cfg.jdtype
     h = _LMTransform(cfg, name="transform")(hidden_states)
     if self.tie_word_embeddings:
       if word_embeddings is None:
@@ -487,11 +473,9 @@ class QFormerLMHead(nn.Module):
         word_embeddings = jnp.zeros((cfg.vocab_size, cfg.hidden_size), dt)
       logits = jnp.dot(h.astype(dt), jnp.asarray(word_embeddings).astype(dt).T)
     else:
-      logits = L.Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dt,
-                       param_dtype=L.dtype_of(cfg.param_dtype), init_std=cfg.initializer_range,
-                       name="decoder")(h)
+      logits = L.dense(cfg, cfg.vocab_size, ("embed", "vocab"), "decoder", use_bias=False)(h)
     bias = L.param_with_axes(self, "bias", nn.initializers.zeros, (cfg.vocab_size,),
-                             L.dtype_of(cfg.param_dtype), ("vocab",))
+                             cfg.jparam_dtype, ("vocab",))
     logits = logits + bias.astype(dt)
     return L.constrain(logits, (L.BATCH, L.LENGTH, "activation_vocab"))
 
@@ -500,9 +484,17 @@ class QFormerLMHead(nn.Module):
 # name tables
 
 
-HF_IGNORE = [r"(.*\.)?position_ids"]  # non-persistent buffer found in old checkpoints
-LM_HEAD_IGNORE = [r"(.*\.)?cls\.predictions\.decoder\.bias"]  # tied to cls.predictions.bias
-LM_HEAD_IGNORE_TIED = LM_HEAD_IGNORE + [r"(.*\.)?cls\.predictions\.decoder\.weight"]
+def hf_ignore(config: QFormerConfig) -> list[str]:
+  """HF keys that may be present without a rule: the non-persistent position_ids buffer of old
+  checkpoints."""
+  return [r"(.*\.)?position_ids"]
+
+
+def lm_head_hf_ignore(tie_word_embeddings: bool = True) -> list[str]:
+  """The same for `lm_head_hf_rules`: cls.predictions.decoder.bias (tied to cls.predictions.bias),
+  and for a tied head its decoder.weight (a copy of the word embeddings)."""
+  out = [r"(.*\.)?cls\.predictions\.decoder\.bias"]
+  return out + ([r"(.*\.)?cls\.predictions\.decoder\.weight"] if tie_word_embeddings else [])
 
 
 def _attn_rules(flax, hf, out):
@@ -578,6 +570,6 @@ def lm_head_hf_rules(config: QFormerConfig, tie_word_embeddings: bool = True,
 def init_args(cfg):
   """(args, kwargs) for `io.abstract_params(QFormerModel(cfg), *args, **kwargs)` (creates every
   param; QFormerWithEmbeddings takes the same)."""
-  dt = L.dtype_of(cfg.dtype)
+  dt = cfg.jdtype
   return (jnp.zeros((1, 1, cfg.hidden_size), dt),), dict(
       encoder_hidden_states=jnp.zeros((1, 1, cfg.encoder_hidden_size), dt))

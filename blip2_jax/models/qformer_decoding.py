@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from blip2_jax.models import qformer
+from blip2_jax.models import qformer, registry
 
 # LAVIS Blip2Qformer.generate: num_beams=3, max_length=30, min_length=10 (lengths include [DEC]).
 DEFAULTS = dict(max_new_tokens=29, min_new_tokens=9, num_beams=3, do_sample=False, temperature=1.0,
@@ -31,7 +31,7 @@ DEFAULTS = dict(max_new_tokens=29, min_new_tokens=9, num_beams=3, do_sample=Fals
 
 
 def _check_model(model):
-  if not hasattr(model, "itg_hidden"):
+  if not registry.can(model, registry.ITG):
     raise TypeError(f"Q-Former captioning needs a Blip2ForImageTextRetrieval (stage-1) model, not "
                     f"{model.config.architecture}; captioning with an LLM goes through blip2_jax.generate")
 

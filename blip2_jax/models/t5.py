@@ -23,7 +23,6 @@ import functools
 import math
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,7 +33,7 @@ ACT = (L.BATCH, L.LENGTH, L.EMBED)
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(L.Runtime):
   vocab_size: int = 32128
   d_model: int = 512
   d_kv: int = 64
@@ -57,12 +56,6 @@ class T5Config:
   pad_token_id: int = 0
   eos_token_id: int = 1
   decoder_start_token_id: int = 0
-  # runtime
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan: bool = False
-  remat: str = "none"
-  attn_impl: str | None = None
 
   @classmethod
   def from_hf(cls, hf_config, tie_word_embeddings: bool | None = None, **runtime) -> "T5Config":
@@ -132,12 +125,14 @@ class T5Config:
         decoder_start_token_id=self.decoder_start_token_id)
 
   @property
-  def jdtype(self):
-    return L.dtype_of(self.dtype)
+  def hidden_size(self) -> int:
+    """HF's alias of d_model (the width the BLIP-2 projection writes)."""
+    return self.d_model
 
   @property
-  def jparam_dtype(self):
-    return L.dtype_of(self.param_dtype)
+  def weight_std(self) -> float:
+    # The std every kernel here but `wo` and the (1.0) embedding/head tables starts from.
+    return self.d_model ** -0.5
 
 
 def checkpoint_has_lm_head(source, prefix: str = "") -> bool:
@@ -208,8 +203,7 @@ def shift_right(labels, decoder_start_token_id: int, pad_token_id: int):
 
 def _norm(cfg: T5Config, name: str) -> L.LayerNorm:
   # T5 RMSNorm: no mean, no bias; HF casts to the weight dtype before scaling (LayerNorm does).
-  return L.LayerNorm(eps=cfg.layer_norm_epsilon, rms=True, use_bias=False, dtype=cfg.jdtype,
-                     param_dtype=cfg.jparam_dtype, name=name)
+  return L.norm(cfg, name, eps=cfg.layer_norm_epsilon, rms=True)
 
 
 class T5Attention(nn.Module):
@@ -226,8 +220,7 @@ class T5Attention(nn.Module):
   def __call__(self, x, kv=None, bias=None, cache=None, cache_index=None):
     cfg = self.config
     inner = cfg.num_heads * cfg.d_kv
-    dense = functools.partial(L.Dense, use_bias=False, dtype=cfg.jdtype,
-                              param_dtype=cfg.jparam_dtype, init_std=cfg.d_model ** -0.5)
+    dense = functools.partial(L.dense, cfg, use_bias=False)
     q = L.split_heads(dense(inner, ("embed", "heads"), name="q")(x), cfg.num_heads)
     if cache is not None and cache_index is None and kv is None:
       k, v = cache["k"], cache["v"]  # cross-attention K/V computed once from the encoder
@@ -259,8 +252,7 @@ class T5FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    dense = functools.partial(L.Dense, use_bias=False, dtype=cfg.jdtype,
-                              param_dtype=cfg.jparam_dtype, init_std=cfg.d_model ** -0.5)
+    dense = functools.partial(L.dense, cfg, use_bias=False)
     act = L.activation(cfg.dense_act_fn)
     if cfg.is_gated_act:
       h = act(dense(cfg.d_ff, ("embed", "mlp"), name="wi_0")(x))
@@ -269,8 +261,7 @@ class T5FeedForward(nn.Module):
       h = act(dense(cfg.d_ff, ("embed", "mlp"), name="wi")(x))
     h = L.constrain(h, (L.BATCH, L.LENGTH, "activation_mlp"))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-    return L.Dense(cfg.d_model, ("mlp", "embed"), use_bias=False, dtype=cfg.jdtype,
-                   param_dtype=cfg.jparam_dtype, init_std=cfg.d_ff ** -0.5, name="wo")(h)
+    return dense(cfg.d_model, ("mlp", "embed"), name="wo", init_std=cfg.d_ff ** -0.5)(h)
 
 
 class T5Block(nn.Module):
@@ -386,13 +377,11 @@ class T5ForConditionalGeneration(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.shared = L.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.jdtype,
-                          param_dtype=cfg.jparam_dtype, init_std=1.0)
+    self.shared = L.embed(cfg, cfg.vocab_size, cfg.d_model, init_std=1.0)
     self.encoder = T5Stack(cfg, is_decoder=False)
     self.decoder = T5Stack(cfg, is_decoder=True)
     if not cfg.tie_word_embeddings:
-      self.lm_head = L.Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False,
-                             dtype=cfg.jdtype, param_dtype=cfg.jparam_dtype, init_std=1.0)
+      self.lm_head = L.dense(cfg, cfg.vocab_size, ("embed", "vocab"), use_bias=False, init_std=1.0)
 
   def embed_tokens(self, ids):
     return self.shared(ids)
@@ -458,36 +447,21 @@ class T5ForConditionalGeneration(nn.Module):
                       deterministic=deterministic)
     result = {"logits": out["logits"], "encoder_last_hidden_state": enc}
     if labels is not None:
-      result["loss"] = cross_entropy(out["logits"], labels)
+      result["loss"] = L.cross_entropy(out["logits"], labels)
     return result
-
-
-def cross_entropy(logits, labels, ignore_index: int = -100):
-  """Mean token cross-entropy in float32 over labels != ignore_index (torch's default)."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  valid = labels != ignore_index
-  nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
 
 # ----------------------------------------------------------------------------------------
 # HF name table
 
-# Tied copies of shared.weight (old .bin files hold them; save_pretrained drops them), and the
-# never-used cross-attention bias table HF itself ignores on load.
-HF_IGNORE = [
-    r"encoder\.embed_tokens\.weight",
-    r"decoder\.embed_tokens\.weight",
-    r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",
-]
-
-
 def hf_ignore(config: T5Config) -> list[str]:
-  """HF_IGNORE plus lm_head.weight for tied heads (a copy of shared.weight in old .bin files).
-
-  Not in HF_IGNORE itself: for an untied model a distinct lm_head must never be skipped.
-  """
-  return HF_IGNORE + ([r"lm_head\.weight"] if config.tie_word_embeddings else [])
+  """HF keys that may be present without a rule: tied copies of shared.weight (old .bin files
+  hold them; save_pretrained drops them), the never-used cross-attention bias table HF itself
+  ignores on load, and lm_head.weight for tied heads only (for an untied model a distinct
+  lm_head must never be skipped)."""
+  out = [r"encoder\.embed_tokens\.weight", r"decoder\.embed_tokens\.weight",
+         r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"]
+  return out + ([r"lm_head\.weight"] if config.tie_word_embeddings else [])
 
 
 def _stack_rules(config: T5Config, decoder: bool) -> list[Rule]:

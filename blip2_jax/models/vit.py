@@ -28,16 +28,13 @@ from blip2_jax.weights.table import Rule
 BATCH, LENGTH, EMBED = L.BATCH, L.LENGTH, L.EMBED
 ACT = (BATCH, LENGTH, EMBED)
 
-# Blip2VisionModel keeps no buffers; nothing may appear in a checkpoint without a rule.
-HF_IGNORE: list[str] = []
-
 
 # ----------------------------------------------------------------------------------------
 # config
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(L.Runtime):
   """Every Blip2VisionConfig field that changes the computation, plus runtime fields.
 
   post_layernorm_eps: eps of the final norm only. None (HF checkpoints) means `layer_norm_eps`,
@@ -60,23 +57,17 @@ class VisionConfig:
   qkv_bias: bool = True
   attention_dropout: float = 0.0
   initializer_range: float = 1e-10  # HF's default; only used for fresh initialisation
-  # runtime
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan: bool = False
-  remat: str = "none"
-  attn_impl: str | None = None
 
   _HF_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "image_size", "patch_size", "hidden_act", "layer_norm_eps", "qkv_bias",
                 "attention_dropout", "initializer_range")
 
   def __post_init__(self):
+    super().__post_init__()
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                        f"{self.num_attention_heads}")
     L.activation(self.hidden_act)  # raises ValueError naming an unknown activation
-    L.remat_policy(self.remat)
 
   @property
   def head_dim(self) -> int:
@@ -209,7 +200,7 @@ class VisionEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False):
     cfg = self.config
-    dtype, pdt = L.dtype_of(cfg.dtype), L.dtype_of(cfg.param_dtype)
+    dtype, pdt = cfg.jdtype, cfg.jparam_dtype
     d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
     init = L.normal_init(cfg.initializer_range)
     class_embedding = L.param_with_axes(self, "class_embedding", init, (1, 1, d), pdt,
@@ -254,7 +245,7 @@ class PatchEmbedding(nn.Module):
   @nn.compact
   def __call__(self, patches: jax.Array) -> jax.Array:
     cfg = self.config
-    dtype, pdt = L.dtype_of(cfg.dtype), L.dtype_of(cfg.param_dtype)
+    dtype, pdt = cfg.jdtype, cfg.jparam_dtype
     p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
     kernel = L.param_with_axes(self, "kernel", L.normal_init(cfg.initializer_range), (p, p, c, d),
                                pdt, (None, None, None, "embed"))
@@ -271,10 +262,9 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    dtype, pdt = L.dtype_of(cfg.dtype), L.dtype_of(cfg.param_dtype)
+    dtype = cfg.jdtype
     d, n, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-    dense = dict(dtype=dtype, param_dtype=pdt, init_std=cfg.initializer_range)
-    qkv = L.Dense(3 * d, ("embed", "heads"), use_bias=cfg.qkv_bias, name="qkv", **dense)(x)
+    qkv = L.dense(cfg, 3 * d, ("embed", "heads"), "qkv", use_bias=cfg.qkv_bias)(x)
     b, t = x.shape[:2]
     qkv = qkv.reshape(b, t, 3, n, hd)  # HF splits as (3, heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -284,7 +274,7 @@ class Attention(nn.Module):
                       dropout_rng=self.make_rng("dropout") if train else None)
     out = L.merge_heads(out)
     out = L.constrain(out, (BATCH, LENGTH, "activation_heads"))
-    return L.Dense(d, ("heads", "embed"), name="projection", **dense)(out)
+    return L.dense(cfg, d, ("heads", "embed"), "projection")(out)
 
 
 class MLP(nn.Module):
@@ -293,12 +283,10 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    dense = dict(dtype=L.dtype_of(cfg.dtype), param_dtype=L.dtype_of(cfg.param_dtype),
-                 init_std=cfg.initializer_range)
-    h = L.Dense(cfg.intermediate_size, ("embed", "mlp"), name="fc1", **dense)(x)
+    h = L.dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "fc1")(x)
     h = L.activation(cfg.hidden_act)(h)
     h = L.constrain(h, (BATCH, LENGTH, "activation_mlp"))
-    return L.Dense(cfg.hidden_size, ("mlp", "embed"), name="fc2", **dense)(h)
+    return L.dense(cfg, cfg.hidden_size, ("mlp", "embed"), "fc2")(h)
 
 
 class EncoderLayer(nn.Module):
@@ -309,12 +297,10 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    norm = dict(eps=cfg.layer_norm_eps, dtype=L.dtype_of(cfg.dtype),
-                param_dtype=L.dtype_of(cfg.param_dtype))
-    h = L.LayerNorm(name="layer_norm1", **norm)(x)
+    h = L.norm(cfg, "layer_norm1", eps=cfg.layer_norm_eps)(x)
     x = x + Attention(cfg, self.deterministic, name="self_attn")(h)
     x = L.constrain(x, ACT)
-    h = L.LayerNorm(name="layer_norm2", **norm)(x)
+    h = L.norm(cfg, "layer_norm2", eps=cfg.layer_norm_eps)(x)
     x = x + MLP(cfg, name="mlp")(h)
     return L.constrain(x, ACT)
 
@@ -333,8 +319,7 @@ class VisionModel(nn.Module):
     # `deterministic` is a layer attribute (static), so remat/scan never see a Python bool arg.
     x = L.LayerStack(EncoderLayer, {"config": cfg, "deterministic": deterministic},
                      cfg.num_hidden_layers, scan=cfg.scan, remat=cfg.remat, name="encoder")(x)
-    post = L.LayerNorm(eps=cfg.post_eps, dtype=L.dtype_of(cfg.dtype),
-                       param_dtype=L.dtype_of(cfg.param_dtype), name="post_layernorm")
+    post = L.norm(cfg, "post_layernorm", eps=cfg.post_eps)
     last = post(x)
     pooled = post(last[:, 0])  # HF normalises the CLS row a second time
     return {"last_hidden_state": L.constrain(last, ACT), "pooler_output": pooled}
@@ -342,6 +327,11 @@ class VisionModel(nn.Module):
 
 # ----------------------------------------------------------------------------------------
 # HF <-> Flax names (relative to Blip2VisionModel; composites prefix "vision_model.")
+
+
+def hf_ignore(config: VisionConfig) -> list[str]:
+  """Blip2VisionModel keeps no buffers: nothing may appear in a checkpoint without a rule."""
+  return []
 
 
 def hf_rules(config: VisionConfig) -> list[Rule]:

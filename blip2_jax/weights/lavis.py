@@ -160,11 +160,9 @@ def load_lavis(pth_path: str, config, *, llm_dir: str | None = None, vision: str
 def _lavis_config(config, hf_named: dict):
   """`config` with what LAVIS computes: ln_vision's eps and, for the composites that read text in
   the Q-Former, the text path sized by the checkpoint's (renamed) text embeddings."""
-  from blip2_jax.models import blip2
   config = dataclasses.replace(
       config, vision=dataclasses.replace(config.vision, post_layernorm_eps=LN_VISION_EPS))
-  if blip2.ARCHITECTURES[config.architecture] not in ("Blip2ForImageTextRetrieval",
-                                                      "Blip2TextModelWithProjection"):
+  if config.kind not in ("Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection"):
     return config
   sizes = {}
   for key, field in (("embeddings.word_embeddings.weight", "vocab_size"),
@@ -177,10 +175,9 @@ def _lavis_config(config, hf_named: dict):
 
 def _vision_weights(pth_path: str, hf_named: dict, vision: str | None, config) -> dict:
   """HF-named ViT tensors from `vision`, checked against what the checkpoint holds."""
-  from blip2_jax.models import blip2
   has_vit = any(k.startswith("vision_model.") and not k.startswith("vision_model.post_layernorm.")
                 for k in hf_named)
-  if blip2.ARCHITECTURES[config.architecture] == "Blip2TextModelWithProjection":
+  if config.kind == "Blip2TextModelWithProjection":
     if vision is not None:
       raise ValueError(f"{config.architecture} has no vision model; drop vision=")
     return {}

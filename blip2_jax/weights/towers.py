@@ -78,11 +78,11 @@ def _auto_config(path: str, what: str, allowed):
 
 def text_config_from_dir(llm_dir: str, **runtime):
   """Our OPT / T5 / LLaMA config of an HF LLM directory (T5 head tying read from the weights)."""
-  from blip2_jax.models import blip2, t5
+  from blip2_jax.models import registry, t5
   llm_dir = hub.resolve(llm_dir)
   hf = _auto_config(llm_dir, "language_model", _TEXT_TYPES)
   family = _TEXT_TYPES[hf.model_type]
-  cls = blip2._config_class(family)
+  cls = registry.family(family).config_cls
   if family == "t5":
     return cls.from_hf(hf, tie_word_embeddings=not t5.checkpoint_has_lm_head(llm_dir), **runtime)
   return cls.from_hf(hf, **runtime)
@@ -101,12 +101,11 @@ def config_from_towers(vision_dir: str, bert_dir: str, llm_dir: str | None = Non
   runtime (dtype, param_dtype, scan, remat, attn_impl) applies to every tower; the Q-Former
   computes in `qformer_dtype` with float32 params (as `Blip2Config.from_hf`).
   """
-  from blip2_jax.models import blip2, qformer, vit
+  from blip2_jax.models import blip2, qformer, registry, vit
   L.check_runtime(runtime)
   arch = architecture or ("Blip2ForConditionalGeneration" if llm_dir else "Blip2ForImageTextRetrieval")
-  if arch not in blip2.ARCHITECTURES:
-    raise ValueError(f"architecture {arch!r} is not a BLIP-2 model; supported: {sorted(blip2.ARCHITECTURES)}")
-  generative = blip2.ARCHITECTURES[arch] == "Blip2ForConditionalGeneration"
+  kind = registry.architecture(arch).composite  # ValueError naming the supported ones
+  generative = registry.can(arch, registry.LM)
   if generative and llm_dir is None:
     raise ValueError(f"{arch} needs a language model: pass llm_dir")
   if not generative and llm_dir is not None:
@@ -123,8 +122,7 @@ def config_from_towers(vision_dir: str, bert_dir: str, llm_dir: str | None = Non
       bert, encoder_hidden_size=vision.hidden_size, cross_attention_frequency=cross_attention_frequency,
       layout="instructblip" if instruct else "blip2", **q_runtime)
   # Only the models that feed text to the Q-Former keep BERT's text FFN (LAVIS stage 2 drops it).
-  takes_text = instruct or blip2.ARCHITECTURES[arch] in ("Blip2ForImageTextRetrieval",
-                                                         "Blip2TextModelWithProjection")
+  takes_text = instruct or kind in ("Blip2ForImageTextRetrieval", "Blip2TextModelWithProjection")
   q = dataclasses.replace(q, use_qformer_text_input=takes_text)
   text = text_config_from_dir(llm_dir, **runtime) if generative else None
   return blip2.Blip2Config(
@@ -155,7 +153,7 @@ def _load_vision(path, config, abstract, mesh, axis_rules):
   _, pre = _vision_source(path)
   reader = io.open_checkpoint(path)
   ignore = [r"(?!" + pre.replace(".", r"\.") + r").*"] if pre else []
-  ignore += [pre.replace(".", r"\.") + p for p in getattr(vit, "HF_IGNORE", [])]
+  ignore += [pre.replace(".", r"\.") + p for p in vit.hf_ignore(config.vision)]
   rules = prefixed(vit.hf_rules(config.vision), "", pre)
   try:
     params = io.load_params(reader, rules, abstract, mesh=mesh, axis_rules=axis_rules,
@@ -171,8 +169,8 @@ def _load_vision(path, config, abstract, mesh, axis_rules):
 
 
 def _load_llm(path, config, abstract, mesh, axis_rules):
-  from blip2_jax.models import blip2, t5
-  mod = blip2.TEXT_MODELS[config.family]
+  from blip2_jax.models import registry, t5
+  fam = registry.family(config.text)
   reader = io.open_checkpoint(path)
   if config.family == "t5":
     has = t5.checkpoint_has_lm_head(reader)
@@ -182,8 +180,8 @@ def _load_llm(path, config, abstract, mesh, axis_rules):
           f"config.text.tie_word_embeddings is {config.text.tie_word_embeddings}; derive the config "
           "with config_from_towers / text_config_from_dir")
   try:
-    params = io.load_params(reader, mod.hf_rules(config.text), abstract, mesh=mesh,
-                            axis_rules=axis_rules, ignore=blip2._ignore_of(mod, config.text), name=path)
+    params = io.load_params(reader, fam.hf_rules(config.text), abstract, mesh=mesh,
+                            axis_rules=axis_rules, ignore=fam.hf_ignore(config.text), name=path)
   except io.CheckpointError as e:
     raise io.CheckpointError(f"language_model tower does not fit config.text:\n{e}") from None
   return params, [f"language_model.* ({len(reader.keys())} tensors) <- {path}"]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from blip2_jax import testing
 from blip2_jax.models import decoding, layers as L
-from blip2_jax.models import llama as llama_mod
+from blip2_jax.models import causal_lm
 from bounds import assert_close
 
 # Bounds: tests/bounds.py (1e-5 x the largest |reference|). Cached vs full forward: measured
@@ -168,7 +168,7 @@ def test_cached_equals_lm_forward_left_padded(ckpt, name, scan):
     np.testing.assert_array_equal(np.asarray(lay_ids), ctx)
     assert (ctx[1, :2] == cfg.text.pad_token_id).all() and (ctx[1, 2:2 + cfg.num_query_tokens] == cfg.image_token_index).all()
     m = jnp.concatenate([lay_mask, jnp.ones(new.shape, jnp.int32)], 1)
-    pos = llama_mod.generation_position_ids(m)
+    pos = causal_lm.generation_position_ids(m)
     full = _apply(model, params, m, jnp.concatenate([lay, embed(new)], 1), pos,
                   method=lambda md, a, e, p: md.language_model(attention_mask=a, inputs_embeds=e,
                                                                position_ids=p))

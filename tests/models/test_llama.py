@@ -42,7 +42,7 @@ def load(m, tmp_path, **runtime):
   ids = jnp.zeros((1, 4), jnp.int32)
   params = io.load_params(str(tmp_path), llama.hf_rules(cfg),
                           io.abstract_params(llama.LlamaForCausalLM(cfg), ids),
-                          ignore=llama.HF_IGNORE)
+                          ignore=llama.hf_ignore(cfg))
   return cfg, params
 
 
@@ -210,7 +210,7 @@ def test_state_dict_round_trip_and_strict_loading(tmp_path):
   del broken["model.layers.0.self_attn.k_proj.bias"]
   broken["model.layers.1.mlp.up_proj.weight"] = np.zeros((3, 3), np.float32)
   with pytest.raises(io.CheckpointError) as e:
-    io.load_params(io.DictReader(broken), llama.hf_rules(cfg), abstract, ignore=llama.HF_IGNORE)
+    io.load_params(io.DictReader(broken), llama.hf_rules(cfg), abstract, ignore=llama.hf_ignore(cfg))
   assert "model.layers.0.self_attn.k_proj.bias" in str(e.value)
   assert "model.layers.1.mlp.up_proj.weight" in str(e.value)
 

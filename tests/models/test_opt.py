@@ -38,7 +38,7 @@ def load(m, tmp_path, **runtime):
   cfg = opt.OPTConfig.from_hf(m.config, **runtime)
   ids = jnp.zeros((1, 4), jnp.int32)
   params = io.load_params(str(tmp_path), opt.hf_rules(cfg),
-                          io.abstract_params(opt.OPTForCausalLM(cfg), ids), ignore=opt.HF_IGNORE)
+                          io.abstract_params(opt.OPTForCausalLM(cfg), ids), ignore=opt.hf_ignore(cfg))
   return cfg, params
 
 
@@ -209,7 +209,7 @@ def test_state_dict_round_trip_and_strict_loading(tmp_path):
   del broken["model.decoder.layers.1.fc2.weight"]
   broken["model.decoder.extra.weight"] = np.zeros(3, np.float32)
   with pytest.raises(io.CheckpointError) as e:
-    io.load_params(io.DictReader(broken), opt.hf_rules(cfg), abstract, ignore=opt.HF_IGNORE)
+    io.load_params(io.DictReader(broken), opt.hf_rules(cfg), abstract, ignore=opt.hf_ignore(cfg))
   assert "model.decoder.layers.1.fc2.weight" in str(e.value)
   assert "model.decoder.extra.weight" in str(e.value)
 

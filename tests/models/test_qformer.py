@@ -155,7 +155,7 @@ def _ours(cfg, params, path, inputs, **static):
 def _load(cfg, sd_or_dir):
   args, kw = Q.init_args(cfg)
   abstract = io.abstract_params(Q.QFormerWithEmbeddings(cfg), *args, **kw)
-  return io.load_params(sd_or_dir, Q.with_embeddings_hf_rules(cfg), abstract, ignore=Q.HF_IGNORE)
+  return io.load_params(sd_or_dir, Q.with_embeddings_hf_rules(cfg), abstract, ignore=Q.hf_ignore(cfg))
 
 
 # ----------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_query_path(tmp_path, freq, text, act):
   inputs = _inputs()
   args, kw = Q.init_args(cfg)
   p = io.load_params(str(tmp_path), Q.hf_rules(cfg),
-                     io.abstract_params(Q.QFormerModel(cfg), *args, **kw), ignore=Q.HF_IGNORE)
+                     io.abstract_params(Q.QFormerModel(cfg), *args, **kw), ignore=Q.hf_ignore(cfg))
   qtok, img, img_mask, _, _ = inputs
   out = _run(Q.QFormerModel(cfg))({"params": p}, (_j(qtok),), dict(
       encoder_hidden_states=_j(img), encoder_attention_mask=_j(img_mask)))
@@ -326,7 +326,7 @@ def test_instructblip(tmp_path, freq):
   cfg = Q.QFormerConfig.from_hf(c, scan=True)
   args, kw = Q.init_args(cfg)
   p = io.load_params(str(tmp_path), Q.hf_rules(cfg, "instructblip"),
-                     io.abstract_params(Q.QFormerModel(cfg), *args, **kw), ignore=Q.HF_IGNORE)
+                     io.abstract_params(Q.QFormerModel(cfg), *args, **kw), ignore=Q.hf_ignore(cfg))
   qtok, img, img_mask, ids, tmask = _inputs()
   mask = torch.cat([torch.ones(2, Q_LEN, dtype=torch.long), tmask], dim=1)
   with torch.no_grad():
@@ -373,7 +373,7 @@ def test_lm_head_matches_bert(tmp_path):
     head = Q.QFormerLMHead(cfg, tied)
     p = io.load_params(src, Q.lm_head_hf_rules(cfg, tied),
                        io.abstract_params(head, jnp.zeros((1, 1, HID))),
-                       ignore=[r"bert\..*"] + (Q.LM_HEAD_IGNORE_TIED if tied else Q.LM_HEAD_IGNORE))
+                       ignore=[r"bert\..*"] + Q.lm_head_hf_ignore(tied))
     out = head.apply({"params": p}, _j(h), table if tied else None)
     assert_close(out, ref)  # measured 6e-8 (logits ~0.8)
 

@@ -268,11 +268,11 @@ def test_strict_loading_errors(tmp_path):
   with pytest.raises(io.CheckpointError, match=name.replace(".", r"\.")):
     load(str(tmp_path), cfg, ids, mask, dec)
   # a config with a tied head must not silently drop a distinct lm_head.weight ... it is
-  # ignored only via hf_ignore(tied), so with the plain HF_IGNORE it is reported
+  # ignored only via hf_ignore(tied), so with the untied config's ignores it is reported
   tied = dataclasses.replace(cfg, tie_word_embeddings=True)
   abstract = io.abstract_params(t5.T5ForConditionalGeneration(tied), ids, mask, dec)
   with pytest.raises(io.CheckpointError, match=r"lm_head\.weight"):
-    io.load_params(str(tmp_path), t5.hf_rules(tied), abstract, ignore=t5.HF_IGNORE)
+    io.load_params(str(tmp_path), t5.hf_rules(tied), abstract, ignore=t5.hf_ignore(cfg))
 
 
 def test_mt5_parity(tmp_path):

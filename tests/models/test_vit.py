@@ -69,7 +69,7 @@ def load(model, tmp_path, **runtime):
   cfg = VisionConfig.from_hf(model.config, **runtime)
   s = cfg.image_size
   abstract = io.abstract_params(VisionModel(cfg), jnp.zeros((1, s, s, 3)))
-  return cfg, io.load_params(str(tmp_path), hf_rules(cfg), abstract, ignore=vit.HF_IGNORE)
+  return cfg, io.load_params(str(tmp_path), hf_rules(cfg), abstract, ignore=vit.hf_ignore(cfg))
 
 
 @pytest.fixture(scope="module")
