@@ -6,7 +6,8 @@ or fail deep inside orbax when the new recipe's model has other shapes. So the f
 WORKDIR/config.json, and a resume whose config differs is refused with the keys that differ, unless
 the caller allows them (`allow`: the command lines' --allow-config-change KEY[,KEY...]).
 
-Free to change on a resume (they change how the run reports, not what it trains): FREE_KEYS.
+Free to change on a resume (they change how the run reports or how it is laid out over the devices,
+not what it trains; resuming onto another mesh is supported): FREE_KEYS.
 Not compared: SOURCE_KEYS, where the initial weights and tokenizers were read from (a resumed run
 takes its weights from the checkpoint; a directory may move, and a Hub id resolves to a new snapshot
 path when its repository moves on).
@@ -19,7 +20,7 @@ import os
 FILE = "config.json"
 MAX_SHOWN = 6  # differences named in the message; more mean another recipe
 FREE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_at_start", "eval",
-             "export_hf", "data.worker_count", "peak_tflops")
+             "export_hf", "data.worker_count", "peak_tflops", "mesh")
 SOURCE_KEYS = ("model.pretrained", "model.vision", "model.qformer_bert", "model.language_model",
                "tokenizer.llm", "tokenizer.qformer")
 

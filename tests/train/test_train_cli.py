@@ -20,7 +20,7 @@ STAGE1 = os.path.join(CONFIGS, "stage1.py") + ":tiny"
 def runs(monkeypatch):
   """loop.train recorded instead of run: a list of (config, workdir, max_steps) per call."""
   calls = []
-  monkeypatch.setattr(loop, "train", lambda config, workdir, max_steps=None: calls.append((config, workdir, max_steps)))
+  monkeypatch.setattr(loop, "train", lambda config, workdir, max_steps=None, **kw: calls.append((config, workdir, max_steps)))
   return calls
 
 
