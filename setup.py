@@ -8,16 +8,16 @@ def _reqs(path):
 
 # Every command-line tool, also runnable as `python -m blip2_jax.<module>`.
 COMMANDS = {
-    "blip2-caption": "blip2_jax.caption:main",
-    "blip2-vqa": "blip2_jax.vqa:main",
-    "blip2-retrieve": "blip2_jax.retrieve:main",
-    "blip2-evaluate": "blip2_jax.evaluate:main",
-    "blip2-parity": "blip2_jax.parity:main",
-    "blip2-train": "blip2_jax.train.__main__:main",
-    "blip2-finetune": "blip2_jax.finetune:main",
-    "blip2-demo": "blip2_jax.demo:main",
-    "blip2-aot": "blip2_jax.aot.__main__:main",
-    "blip2-convert": "blip2_jax.data.convert:main",
+    "blip2-caption": "blip2_jax.cli.caption:main",
+    "blip2-vqa": "blip2_jax.cli.vqa:main",
+    "blip2-retrieve": "blip2_jax.cli.retrieve:main",
+    "blip2-evaluate": "blip2_jax.cli.evaluate:main",
+    "blip2-parity": "blip2_jax.cli.parity:main",
+    "blip2-train": "blip2_jax.cli.train:main",
+    "blip2-finetune": "blip2_jax.cli.finetune:main",
+    "blip2-demo": "blip2_jax.cli.demo:main",
+    "blip2-aot": "blip2_jax.cli.aot:main",
+    "blip2-convert": "blip2_jax.cli.convert:main",
 }
 
 setup(
@@ -27,7 +27,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     # configs/ stays at the top of the repository; installed, the recipes are the package
-    # blip2_jax.configs (blip2_jax.recipes finds them in either place).
+    # blip2_jax.configs (blip2_jax.core.recipes finds them in either place).
     packages=find_packages(include=["blip2_jax", "blip2_jax.*"]) + ["blip2_jax.configs"],
     package_dir={"blip2_jax.configs": "configs"},
     python_requires=">=3.10",

@@ -11,7 +11,7 @@ import platform
 import statistics
 import time
 
-from blip2_jax import presets
+from blip2_jax.models import presets
 
 
 def loadavg() -> str:
@@ -81,7 +81,7 @@ def set_torch_threads(n: int | None):
 # ----------------------------------------------------------------------------------------
 # model sizes (HF config dicts)
 
-# "small": CPU-sized stand-ins; "real": the released models' shapes, from blip2_jax.presets (one copy)
+# "small": CPU-sized stand-ins; "real": the released models' shapes, from blip2_jax.models.presets (one copy)
 VISION = {
     # ViT 6 x 384 at 224 px / patch 14 (257 tokens): a CPU-sized stand-in for EVA ViT-g
     "small": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
@@ -99,7 +99,7 @@ REAL_TEXT = {("real", "opt"): "opt-2.7b", ("opt6.7b", "opt"): "opt-6.7b", ("real
 
 def text_config(size: str, family: str):
   """small: OPT 6 x 512 / T5 4+4 x 512 with the real vocabularies; real: OPT-2.7B / FlanT5-XL;
-  opt6.7b: OPT-6.7B (the real ones from blip2_jax.presets)."""
+  opt6.7b: OPT-6.7B (the real ones from blip2_jax.models.presets)."""
   import transformers
   if (size, family) in REAL_TEXT:
     return presets.text_config(REAL_TEXT[size, family])

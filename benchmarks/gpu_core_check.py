@@ -22,11 +22,12 @@ import numpy as np
 def parity_on_gpu():
   import transformers
 
-  from blip2_jax import parity, testing
+  from blip2_jax.checkpoints import tiny
+  from blip2_jax.cli import parity
   transformers.utils.logging.disable_progress_bar()
   with jax.default_matmul_precision("highest"):
     for name, (arch, fam) in parity.TINY.items():
-      d = testing.save_tiny(tempfile.mkdtemp(), arch, fam)
+      d = tiny.save_tiny(tempfile.mkdtemp(), arch, fam)
       rows = parity.compare(d, batch=3)
       print(f"parity-gpu {name}: " + "  ".join(f"{n} {mx:.1e}" for n, mx, _, _ in rows), flush=True)
 

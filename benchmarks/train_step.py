@@ -26,7 +26,7 @@ printed as a check.
 
 Reported: images/s (batch / median step seconds, steps timed in turn: ours, torch, ours, ...),
 the step's FLOPs and TFLOP/s, and MFU where the device's peak is known. FLOPs: the step's matmul
-FLOPs counted on its jaxpr (`train.loop.step_flops` -> `blip2_jax.flops`, what the training loop
+FLOPs counted on its jaxpr (`train.reporting.step_flops` -> `blip2_jax.core.flops`, what the training loop
 logs; scanned layers count once per layer; the frozen ViT and LLM count forward only, plus the
 LLM's input gradients in stage 2). The torch step does the same work, so its
 TFLOP/s is the same FLOP count over its own time.
@@ -88,7 +88,8 @@ def make_batch(stage: int, family: str, b: int, txt: int, image_size: int, seed:
 
 def stage_step_parts(stage: int, model):
   """(frozen regexes, loss fn, optimizer) of the stage's train step, as the training recipes set them."""
-  from blip2_jax.train import optim, step as step_lib
+  from blip2_jax.train import optim
+  from blip2_jax.train import step as step_lib
   if stage == 1:
     frozen, loss_fn = [FROZEN_VIT], step_lib.stage1_loss_fn(model, bos_token_id=BOS, deterministic=True)
   else:
@@ -100,9 +101,9 @@ def build_ours(args, hf_dir, head_sd, mesh):
   import jax.numpy as jnp
 
   import blip2_jax
+  from blip2_jax.checkpoints import io
   from blip2_jax.models import qformer as Q
   from blip2_jax.train import step as step_lib
-  from blip2_jax.weights import io
   dt = getattr(jnp, args.dtype)
   model, params = blip2_jax.from_pretrained(hf_dir, dtype=dt, param_dtype=jnp.float32, scan=args.scan,
                                             remat=args.remat)
@@ -115,7 +116,7 @@ def build_ours(args, hf_dir, head_sd, mesh):
     tree["temp"] = jnp.float32(0.07)
   frozen, loss_fn, tx = stage_step_parts(args.stage, model)
   state = step_lib.init_train_state(tree, frozen, tx, frozen_dtype=None if args.dtype == "float32" else args.dtype,
-                                    shardings=step_lib.param_shardings(model, tree, mesh))
+                                    shardings=step_lib.tree_shardings(model, tree, mesh))
   step = step_lib.jit_train_step(step_lib.make_train_step(loss_fn, tx), mesh, state)
   n_train, n_frozen = step_lib.count_params(state.trainable), step_lib.count_params(state.frozen)
   return model, state, step, n_train, n_frozen
@@ -125,7 +126,7 @@ def flops_of(step, mesh, state, batch, key) -> float | None:
   import flax.linen as nn
   import jax
 
-  from blip2_jax import sharding as shd
+  from blip2_jax.core import sharding as shd
   from blip2_jax.train import loop
   with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
     return loop.step_flops(step.jitted, state, batch, key)
@@ -286,10 +287,10 @@ def memory_only(args, cfg):
   import jax
   import jax.numpy as jnp
 
-  from blip2_jax import sharding as shd
+  from blip2_jax.checkpoints import io
+  from blip2_jax.core import sharding as shd
   from blip2_jax.models import blip2
   from blip2_jax.train import step as step_lib
-  from blip2_jax.weights import io
   dt = args.dtype
   bcfg = blip2.Blip2Config.from_hf(cfg, architecture="Blip2ForImageTextRetrieval" if args.stage == 1 else None,
                                    dtype=dt, param_dtype="float32", scan=True, remat=args.remat)
@@ -367,7 +368,7 @@ def main():
   import jax
   import torch
 
-  from blip2_jax import sharding as shd
+  from blip2_jax.core import sharding as shd
   from blip2_jax.train import loop
   threads = common.set_torch_threads(args.threads)
   print(common.machine_line(threads), flush=True)
@@ -458,12 +459,12 @@ def data_share(args, b: int, cfg, step_s: float):
   overlapped: fetch / (fetch + step). The loop fetches batch s+1 while step s runs (dispatch is
   asynchronous), so on an accelerator the real wait is max(0, fetch - step); on this CPU both
   share the same cores."""
-  from blip2_jax import testing
+  from blip2_jax.checkpoints import tiny
   from blip2_jax.data import pipeline, synthetic
   size = cfg.vision_config.image_size
   src = synthetic.ShapesSource(max(256, 4 * b), split="train", seed=0, size=size)
   loader = pipeline.make_train_loader(src, global_batch_size=b, image_size=size, seed=0,
-                                      tokenizer=testing.tiny_tokenizer("bert"), max_txt_len=args.text_len)
+                                      tokenizer=tiny.tiny_tokenizer("bert"), max_txt_len=args.text_len)
   it = iter(loader)
   next(it)  # warm-up
   ts = []

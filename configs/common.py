@@ -55,7 +55,7 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.model.language_model = ""       # HF OPT / T5 / LLaMA directory
   c.model.pretrained = ""           # a blip2-jax / HF BLIP-2 directory (fine-tuning, stage 2 from stage 1)
   c.model.hf_config = ml_collections.ConfigDict()  # random init: transformers Blip2Config kwargs
-  c.model.preset = ""               # the released model's shapes (blip2_jax.presets), for `python -m blip2_jax.aot`
+  c.model.preset = ""               # the released model's shapes (blip2_jax.models.presets), for `python -m blip2_jax.aot`
   c.model.num_query_tokens = 32
   c.model.cross_attention_frequency = 2
   c.model.image_size = 224
@@ -117,8 +117,8 @@ def base(task: str) -> ml_collections.ConfigDict:
 
 def tiny(c: ml_collections.ConfigDict, family: str | None) -> ml_collections.ConfigDict:
   """Shrinks a recipe to a random-init model and synthetic scenes that train on a CPU in seconds."""
-  from blip2_jax import testing
-  hf = testing.tiny_blip2_config(family, instruct=c.task == "instruct")
+  from blip2_jax.checkpoints import tiny
+  hf = tiny.tiny_blip2_config(family, instruct=c.task == "instruct")
   c.model.init = "random"
   c.model.preset = ""  # shapes come from hf_config
   c.model.hf_config = ml_collections.ConfigDict(hf.to_dict())

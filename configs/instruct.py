@@ -7,7 +7,7 @@ InstructBLIP paper: 60k steps max, batch 192 (FlanT5-XL) / 128 (FlanT5-XXL, Vicu
 from configs import common
 
 LLMS = {"flant5xl": ("t5", 192), "flant5xxl": ("t5", 128), "vicuna7b": ("llama", 128), "vicuna13b": ("llama", 128)}
-# the released model of each LLM (blip2_jax.presets): its shapes for python -m blip2_jax.aot
+# the released model of each LLM (blip2_jax.models.presets): its shapes for python -m blip2_jax.aot
 PRESETS = {"flant5xl": "instructblip-flan-t5-xl", "flant5xxl": "instructblip-flan-t5-xxl",
            "vicuna7b": "instructblip-vicuna-7b", "vicuna13b": "instructblip-vicuna-13b"}
 

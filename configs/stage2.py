@@ -14,7 +14,7 @@ from configs import common
 
 LLMS = {"opt2.7b": ("opt", 1920), "opt6.7b": ("opt", 1920), "flant5xl": ("t5", 1520),
         "flant5xxl": ("t5", 1520), "vicuna7b": ("llama", 1920)}
-# the released model of each LLM (blip2_jax.presets): its shapes for python -m blip2_jax.aot
+# the released model of each LLM (blip2_jax.models.presets): its shapes for python -m blip2_jax.aot
 PRESETS = {"opt2.7b": "blip2-opt-2.7b", "opt6.7b": "blip2-opt-6.7b", "flant5xl": "blip2-flan-t5-xl",
            "flant5xxl": "blip2-flan-t5-xxl", "vicuna7b": "blip2-vicuna-7b"}
 

@@ -6,7 +6,7 @@
     python -m blip2_jax.finetune --task vqa ...   # the same recipe from the fine-tuning CLI
 
 Data: JSONL {"image", "question", "answers": [...]}; each step draws one answer per question by its
-annotator frequency (`train.batches.vqa_fields`). The LLM reads "Question: {q} Answer:" ("Question: {q}
+annotator frequency (`train.tasks.vqa_fields`). The LLM reads "Question: {q} Answer:" ("Question: {q}
 Short answer:" for FlanT5; `loss.vqa_prompt` overrides, one "{}") and the loss is on the answer only.
 An InstructBLIP checkpoint also reads that prompt in its Q-Former (the paper's "question also given to
 the Q-Former"); a BLIP-2 Q-Former has no text input in HF's Blip2ForConditionalGeneration, so there

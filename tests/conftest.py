@@ -20,3 +20,22 @@ import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="blip2_jax_xla_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+import pytest  # noqa: E402
+
+from blip2_jax.checkpoints import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+  """tiny_checkpoint(arch, family, **save_tiny_kw) -> a tiny random HF checkpoint directory, built
+  once per test session and shared: tests read it and copy it before they change anything."""
+  made = {}
+
+  def get(arch: str = "Blip2ForConditionalGeneration", family: str | None = "opt", **kw) -> str:
+    key = (arch, family, repr(sorted(kw.items())))
+    if key not in made:
+      made[key] = tiny.save_tiny(str(tmp_path_factory.mktemp("tiny")), arch, family, **kw)
+    return made[key]
+
+  return get

@@ -15,7 +15,7 @@ import sys
 import jax
 import pytest
 
-from blip2_jax.aot import hardware, hlo
+from blip2_jax.core import hardware, hlo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,8 +107,7 @@ def test_traffic_per_kind():
 
 @pytest.fixture(scope="module")
 def tiny_stage2_fsdp():
-  from blip2_jax import aot
-  from blip2_jax.train import recipe_module
+  from blip2_jax.train import aot, recipe_module
   if jax.device_count() < 8:
     pytest.skip("needs 8 host devices (tests/conftest.py)")
   c = recipe_module("stage2").get_config("llm=opt2.7b,tiny")
@@ -118,9 +117,9 @@ def tiny_stage2_fsdp():
 
 def test_fsdp_all_gathers_equal_a_hand_count(tiny_stage2_fsdp):
   """Forward all-gathers in the LLM's layer loop = the bytes of one layer's fsdp-sharded weights, per layer."""
-  from blip2_jax import testing
+  from blip2_jax.checkpoints import tiny
   config, report = tiny_stage2_fsdp
-  t = testing.tiny_text_config("opt")
+  t = tiny.tiny_text_config("opt")
   h, f = t.hidden_size, t.ffn_dim
   assert h % 8 == 0 and f % 8 == 0
   # OPT layer weights with an "embed" axis (-> fsdp): q, k, v, out (h x h), fc1 (h x f), fc2 (f x h),
@@ -134,7 +133,7 @@ def test_fsdp_all_gathers_equal_a_hand_count(tiny_stage2_fsdp):
 
 
 def test_report_numbers(tiny_stage2_fsdp):
-  from blip2_jax import aot
+  from blip2_jax.train import aot
   _, r = tiny_stage2_fsdp
   assert r.fits and r.memory["peak"] > 0 and r.model_flops > 0 and r.hw_flops >= r.model_flops
   rf = r.roofline()

@@ -10,9 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from blip2_jax import caption, evaluate, finetune, parity, retrieve, testing, vqa
-from blip2_jax.cli import options
-from blip2_jax.data import convert
+from blip2_jax.checkpoints import tiny
+from blip2_jax.cli import caption, convert, evaluate, finetune, options, parity, retrieve, vqa
+from blip2_jax.data import synthetic
+
+from helpers import run_cli, usage_error
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +22,8 @@ def root(tmp_path_factory):
   """Tiny checkpoints (opt, ret), broken checkpoint directories, images, a fine-tuning dataset."""
   from PIL import Image
   r = tmp_path_factory.mktemp("cli_errors")
-  testing.save_tiny(str(r / "opt"), "Blip2ForConditionalGeneration", "opt")
-  testing.save_tiny(str(r / "ret"), "Blip2ForImageTextRetrieval")
+  tiny.save_tiny(str(r / "opt"), "Blip2ForConditionalGeneration", "opt")
+  tiny.save_tiny(str(r / "ret"), "Blip2ForImageTextRetrieval")
   (r / "empty").mkdir()
   (r / "bert").mkdir()
   (r / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
@@ -38,25 +40,8 @@ def root(tmp_path_factory):
   for n in ("a.png", "b.png"):
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(r / "imgs" / n)
   (r / "texts.txt").write_text("a red car\ntwo dogs on the grass\n")
-  testing.write_shapes_dataset(str(r / "data"), "train", "caption", 8)
+  synthetic.write_shapes_dataset(str(r / "data"), "train", "caption", 8)
   return r
-
-
-def _run(main, argv, capsys):
-  """-> (exit status, stdout, stderr lines) of an in-process run."""
-  code = main([str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return code, out, [ln for ln in err.splitlines() if ln.strip()]
-
-
-def _usage_error(main, argv, capsys, *needles):
-  """Asserts exit status 2 and one stderr line "error: ..." holding every needle; returns the line."""
-  code, out, err = _run(main, argv, capsys)
-  assert code == 2, (code, out, err)
-  assert len(err) == 1 and err[0].startswith("error: "), err
-  for n in needles:
-    assert str(n) in err[0], (n, err[0])
-  return err[0]
 
 
 def _read_only(path, monkeypatch):
@@ -101,18 +86,18 @@ def test_bad_model_directory(root, tmp_path, capsys, tool):
     model = root / (f"ret_{name}" if tool == "retrieve" and name in ("noweights", "truncated") else name)
     main, argv = _tool_argv(tool, root, model, tmp_path)
     flag = "--hf-dir" if tool == "parity" else "--model"
-    _usage_error(main, argv, capsys, f"{flag} {model}", problem)
+    usage_error(main, argv, capsys, f"{flag} {model}", problem)
     assert sorted(os.listdir(tmp_path)) == ["ann.json"], name  # no --output, no empty --workdir
 
 
 def test_wrong_kind_of_checkpoint(root, tmp_path, capsys):
   main, argv = _tool_argv("retrieve", root, root / "opt", tmp_path)
-  _usage_error(main, argv, capsys, "is a Blip2ForConditionalGeneration checkpoint; retrieval needs a "
+  usage_error(main, argv, capsys, "is a Blip2ForConditionalGeneration checkpoint; retrieval needs a "
                "Blip2ForImageTextRetrieval one")
   main, argv = _tool_argv("vqa", root, root / "ret", tmp_path)
-  _usage_error(main, argv, capsys, "is a Blip2ForImageTextRetrieval checkpoint, which has no language model")
+  usage_error(main, argv, capsys, "is a Blip2ForImageTextRetrieval checkpoint, which has no language model")
   main, argv = _tool_argv("finetune", root, root / "ret", tmp_path)
-  _usage_error(main, argv, capsys, "has no language model")
+  usage_error(main, argv, capsys, "has no language model")
   assert sorted(os.listdir(tmp_path)) == ["ann.json"]
 
 
@@ -131,14 +116,14 @@ def test_output_checked_before_any_work(root, tmp_path, capsys, monkeypatch, too
   main, argv = _tool_argv(tool, root, model, tmp_path)
   i = argv.index("--output") + 1
   argv[i] = tmp_path / "missing" / "out.json"
-  _usage_error(main, argv, capsys, f"--output {argv[i]}: directory {tmp_path / 'missing'} does not exist")
+  usage_error(main, argv, capsys, f"--output {argv[i]}: directory {tmp_path / 'missing'} does not exist")
   argv[i] = tmp_path
-  _usage_error(main, argv, capsys, f"--output {tmp_path}: is a directory")
+  usage_error(main, argv, capsys, f"--output {tmp_path}: is a directory")
   ro = tmp_path / "ro"
   ro.mkdir()
   _read_only(ro, monkeypatch)
   argv[i] = ro / "out.json"
-  _usage_error(main, argv, capsys, f"--output {argv[i]}: directory {ro} is not writable")
+  usage_error(main, argv, capsys, f"--output {argv[i]}: directory {ro} is not writable")
   assert os.listdir(ro) == [] and not os.path.exists(tmp_path / "missing")
 
 
@@ -151,17 +136,17 @@ def test_retrieve_flags_and_texts_before_the_model(root, tmp_path, capsys, monke
   monkeypatch.setattr(blip2_jax, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
   main, argv = _tool_argv("retrieve", root, root / "ret", tmp_path)
   for flag, value in (("--batch-size", "0"), ("--k", "0"), ("--k", "-1"), ("--top", "0")):
-    _usage_error(main, argv + [flag, value], capsys, f"argument {flag}: must be at least 1, got {value}")
-  _usage_error(main, argv + ["--k", "many"], capsys, "argument --k: expected an integer, got 'many'")
+    usage_error(main, argv + [flag, value], capsys, f"argument {flag}: must be at least 1, got {value}")
+  usage_error(main, argv + ["--k", "many"], capsys, "argument --k: expected an integer, got 'many'")
   i = argv.index("--texts") + 1
   argv[i] = tmp_path / "nope.txt"
-  _usage_error(main, argv, capsys, f"--texts {argv[i]}: file not found")
+  usage_error(main, argv, capsys, f"--texts {argv[i]}: file not found")
   (tmp_path / "blank.txt").write_text("\n  \n")
   argv[i] = tmp_path / "blank.txt"
-  _usage_error(main, argv, capsys, f"--texts {argv[i]}: holds no non-empty lines")
+  usage_error(main, argv, capsys, f"--texts {argv[i]}: holds no non-empty lines")
   (tmp_path / "noimgs").mkdir()
   argv[i], argv[argv.index("--images-dir") + 1] = root / "texts.txt", tmp_path / "noimgs"
-  _usage_error(main, argv, capsys, f"--images-dir {tmp_path / 'noimgs'}: holds no images")
+  usage_error(main, argv, capsys, f"--images-dir {tmp_path / 'noimgs'}: holds no images")
   assert not os.path.exists(tmp_path / "out.json")
 
 
@@ -172,7 +157,7 @@ def test_retrieve_skips_unreadable_images_and_marks_itc_only_scores(root, tmp_pa
     (imgs / n).write_bytes((root / "imgs" / n).read_bytes())
   (imgs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
   out = tmp_path / "scores.json"
-  code, printed, err = _run(retrieve.main, ["--model", root / "ret", "--images-dir", imgs, "--texts",
+  code, printed, err = run_cli(retrieve.main, ["--model", root / "ret", "--images-dir", imgs, "--texts",
                                             root / "texts.txt", "--k", "1", "--top", "2", "--output", out], capsys)
   assert code == 1  # as caption: the others are ranked, the unreadable one is listed
   err = "\n".join(err)  # after the progress bars
@@ -193,18 +178,18 @@ def test_retrieve_skips_unreadable_images_and_marks_itc_only_scores(root, tmp_pa
 
 def test_caption_and_vqa_inputs(root, tmp_path, capsys):
   model = root / "opt"
-  _usage_error(caption.main, ["--model", model, tmp_path / "nope.png"], capsys,
+  usage_error(caption.main, ["--model", model, tmp_path / "nope.png"], capsys,
                f"image file not found: {tmp_path / 'nope.png'}")
-  _usage_error(caption.main, ["--model", model], capsys, "no images: give IMAGE files and/or --images-dir")
-  _usage_error(caption.main, ["--model", model, root / "imgs" / "a.png", "--batch-size", "0"], capsys,
+  usage_error(caption.main, ["--model", model], capsys, "no images: give IMAGE files and/or --images-dir")
+  usage_error(caption.main, ["--model", model, root / "imgs" / "a.png", "--batch-size", "0"], capsys,
                "argument --batch-size: must be at least 1, got 0")
   a, b = root / "imgs" / "a.png", root / "imgs" / "b.png"
-  _usage_error(vqa.main, ["--model", model, "--image", a, "--image", b, "--question", "what"], capsys,
+  usage_error(vqa.main, ["--model", model, "--image", a, "--image", b, "--question", "what"], capsys,
                f"--image given 2 times ({a}, {b}): vqa answers questions about one image")
   (tmp_path / "broken.png").write_bytes(b"not an image")
-  _usage_error(vqa.main, ["--model", model, "--image", tmp_path / "broken.png", "--question", "what"], capsys,
+  usage_error(vqa.main, ["--model", model, "--image", tmp_path / "broken.png", "--question", "what"], capsys,
                "--image:", "broken.png")
-  _usage_error(vqa.main, ["--model", model, "--image", a, "--question", " "], capsys, "--question must not be empty")
+  usage_error(vqa.main, ["--model", model, "--image", a, "--question", " "], capsys, "--question must not be empty")
 
 
 def test_help_texts(capsys):
@@ -230,16 +215,16 @@ def test_evaluate_names_records_from_one(root, tmp_path, capsys):
   base = ["--task", "caption", "--model", root / "opt", "--images-dir", root / "imgs"]
   jsonl = tmp_path / "a.jsonl"
   jsonl.write_text('{"image": "a.png", "caption": "x"}\n\n{"image": "b.png", "captions": ["y"]}\n')
-  _usage_error(evaluate.main, base + ["--annotations", jsonl], capsys, f"{jsonl}:3: no 'caption' key")
+  usage_error(evaluate.main, base + ["--annotations", jsonl], capsys, f"{jsonl}:3: no 'caption' key")
   js = tmp_path / "a.json"
   js.write_text(json.dumps([{"image": "a.png", "caption": "x"}, {"image": "b.png", "caption": 42}]))
-  _usage_error(evaluate.main, base + ["--annotations", js], capsys,
+  usage_error(evaluate.main, base + ["--annotations", js], capsys,
                f"{js}: record 2: 'caption' must be a string or a list, not a number (42)")
   js.write_text(json.dumps([{"image": ["a.png"], "caption": "x"}]))
-  _usage_error(evaluate.main, base + ["--annotations", js], capsys,
+  usage_error(evaluate.main, base + ["--annotations", js], capsys,
                f"{js}: record 1: 'image' must be a string, not a list")
   js.write_text(json.dumps([{"image": "a.png", "caption": "x"}, {"image": "gone.png", "caption": "y"}]))
-  _usage_error(evaluate.main, base + ["--annotations", js], capsys, "1 image file(s) of the annotations not found",
+  usage_error(evaluate.main, base + ["--annotations", js], capsys, "1 image file(s) of the annotations not found",
                "gone.png")
 
 
@@ -260,13 +245,13 @@ def test_finetune_config_values_refused_before_the_workdir(root, tmp_path, capsy
                            ("model.num_query_tokens=8", "comes from the checkpoint"),
                            ("model.image_size=30", "must be a multiple of the ViT's patch size 14"),
                            ("mesh=2,-1,-1", "expected data,fsdp,tensor")):
-    _usage_error(finetune.main, _ft(root, work, "--set", setting), capsys, f"--set {setting}: {problem}")
-  _usage_error(finetune.main, _ft(root, work, "--max_steps", "0"), capsys,
+    usage_error(finetune.main, _ft(root, work, "--set", setting), capsys, f"--set {setting}: {problem}")
+  usage_error(finetune.main, _ft(root, work, "--max_steps", "0"), capsys,
                "argument --max-steps/--max_steps: must be at least 1, got 0")
   (tmp_path / "file").write_text("x")
-  _usage_error(finetune.main, _ft(root, tmp_path / "file"), capsys,
+  usage_error(finetune.main, _ft(root, tmp_path / "file"), capsys,
                f"--workdir {tmp_path / 'file'}: exists and is not a directory")
-  _usage_error(finetune.main, _ft(root, tmp_path / "file" / "sub"), capsys,
+  usage_error(finetune.main, _ft(root, tmp_path / "file" / "sub"), capsys,
                f"cannot be created: {tmp_path / 'file'} is a file")
   assert sorted(os.listdir(tmp_path)) == ["file"]
 
@@ -275,9 +260,9 @@ def test_finetune_read_only_workdir(root, tmp_path, capsys, monkeypatch):
   ro = tmp_path / "ro"
   ro.mkdir()
   _read_only(ro, monkeypatch)
-  _usage_error(finetune.main, _ft(root, ro / "run"), capsys, f"--workdir {ro / 'run'}: cannot be created: "
+  usage_error(finetune.main, _ft(root, ro / "run"), capsys, f"--workdir {ro / 'run'}: cannot be created: "
                f"{ro} is not writable")
-  _usage_error(finetune.main, _ft(root, ro), capsys, f"--workdir {ro}: directory is not writable")
+  usage_error(finetune.main, _ft(root, ro), capsys, f"--workdir {ro}: directory is not writable")
   assert os.listdir(ro) == []
 
 
@@ -289,7 +274,7 @@ def test_finetune_flags_and_print_config(root, tmp_path, capsys):
                    ["--max-steps", "3", "--num-processes", "2", "--process-id", "1"]):
     a = p.parse_args([str(x) for x in _ft(root, tmp_path / "w")] + spelling)
     assert (a.max_steps, a.num_processes, a.process_id) == (3, 2, 1)
-  code, out, err = _run(finetune.main, _ft(root, tmp_path / "w", "--print-config"), capsys)
+  code, out, err = run_cli(finetune.main, _ft(root, tmp_path / "w", "--print-config"), capsys)
   assert code == 0, err
   assert "num_query_tokens: 4\n" in out and "num_query_tokens: 32" not in out  # the tiny checkpoint has 4
   assert not os.path.exists(tmp_path / "w")
@@ -302,10 +287,10 @@ def test_finetune_failure_leaves_no_empty_workdir(root, tmp_path, capsys, monkey
     os.makedirs(os.path.join(workdir, "checkpoints"))
     raise ZeroDivisionError("division by zero")
   monkeypatch.setattr(loop, "train", fails)
-  code, _, err = _run(finetune.main, _ft(root, tmp_path / "w"), capsys)
+  code, _, err = run_cli(finetune.main, _ft(root, tmp_path / "w"), capsys)
   assert code == 1 and err == ["error: ZeroDivisionError: division by zero (--debug shows the traceback)"]
   assert not os.path.exists(tmp_path / "w")
-  code, _, err = _run(finetune.main, _ft(root, tmp_path / "w", "--debug"), capsys)
+  code, _, err = run_cli(finetune.main, _ft(root, tmp_path / "w", "--debug"), capsys)
   assert code == 1 and err[0] == "Traceback (most recent call last):" and err[-1].startswith("error: ZeroDivision")
 
 
@@ -321,7 +306,7 @@ def test_finetune_annotation_messages(root, tmp_path, capsys):
                                                                      "caption": "y"}]
   train = tmp_path / "train.jsonl"
   train.write_text("".join(json.dumps(r) + "\n" for r in recs))
-  code, _, err = _run(finetune.main, ["--model", root / "opt", "--task", "caption", "--train", train,
+  code, _, err = run_cli(finetune.main, ["--model", root / "opt", "--task", "caption", "--train", train,
                                       "--images-dir", images, "--workdir", tmp_path / "w"], capsys)
   assert code == 2
   assert err[0] == f"error: {train}: 4 problem(s) on 4 line(s):"
@@ -332,7 +317,7 @@ def test_finetune_annotation_messages(root, tmp_path, capsys):
   # a JSON list: record numbers
   js = tmp_path / "train.json"
   js.write_text(json.dumps(recs[:2]))
-  code, _, err = _run(finetune.main, ["--model", root / "opt", "--task", "caption", "--train", js,
+  code, _, err = run_cli(finetune.main, ["--model", root / "opt", "--task", "caption", "--train", js,
                                       "--images-dir", images, "--workdir", tmp_path / "w"], capsys)
   assert code == 2 and err[0] == f"error: {js}: 1 problem(s) in 1 record(s):"
   assert err[1].startswith(f"  {js}: record 2: \"caption\" must be")
@@ -346,26 +331,26 @@ def test_finetune_annotation_messages(root, tmp_path, capsys):
 def test_convert_bad_input_writes_nothing(root, tmp_path, capsys):
   out = tmp_path / "shards" / "train"
   base = ["--images-dir", root / "data" / "images", "--output", out, "--no-progress"]
-  _usage_error(convert.main, ["--annotations", tmp_path / "nope.json"] + base, capsys,
+  usage_error(convert.main, ["--annotations", tmp_path / "nope.json"] + base, capsys,
                f"--annotations {tmp_path / 'nope.json'}: file not found")
   (tmp_path / "bad.json").write_text("[{oops")
-  _usage_error(convert.main, ["--annotations", tmp_path / "bad.json"] + base, capsys,
+  usage_error(convert.main, ["--annotations", tmp_path / "bad.json"] + base, capsys,
                f"--annotations {tmp_path / 'bad.json'}: ")
-  _usage_error(convert.main, ["--annotations", root / "data" / "train.jsonl", "--num-shards", "0"] + base, capsys,
+  usage_error(convert.main, ["--annotations", root / "data" / "train.jsonl", "--num-shards", "0"] + base, capsys,
                "argument --num-shards: must be at least 1, got 0")
   assert os.listdir(tmp_path) == ["bad.json"]
 
 
 def test_parity_flags(root, capsys):
-  _usage_error(parity.main, [], capsys, "one of the arguments --hf-dir --tiny-random is required")
-  _usage_error(parity.main, ["--tiny-random", "gpt2"], capsys, "argument --tiny-random: invalid choice: 'gpt2'")
-  _usage_error(parity.main, ["--hf-dir", root / "opt", "--batch", "0"], capsys, "argument --batch: must be at least 1")
-  _usage_error(parity.main, ["--hf-dir", root / "opt", "--threshold", "-1"], capsys,
+  usage_error(parity.main, [], capsys, "one of the arguments --hf-dir --tiny-random is required")
+  usage_error(parity.main, ["--tiny-random", "gpt2"], capsys, "argument --tiny-random: invalid choice: 'gpt2'")
+  usage_error(parity.main, ["--hf-dir", root / "opt", "--batch", "0"], capsys, "argument --batch: must be at least 1")
+  usage_error(parity.main, ["--hf-dir", root / "opt", "--threshold", "-1"], capsys,
                "argument --threshold: must be a finite number >= 0")
 
 
 def test_debug_shows_the_traceback(root, capsys):
-  code, _, err = _run(caption.main, ["--model", root / "missing", "x.png", "--debug"], capsys)
+  code, _, err = run_cli(caption.main, ["--model", root / "missing", "x.png", "--debug"], capsys)
   assert code == 2 and err[0] == "Traceback (most recent call last):"
   assert err[-1] == "error: image file not found: x.png"
 

@@ -17,10 +17,12 @@ import pytest
 import torch
 import transformers
 
-from blip2_jax import caption as caption_cli
-from blip2_jax import evaluate as evaluate_cli
-from blip2_jax import processing, testing
-from blip2_jax import vqa as vqa_cli
+from blip2_jax import data, evaluation
+from blip2_jax.checkpoints import tiny
+from blip2_jax.cli import caption as caption_cli
+from blip2_jax.cli import evaluate as evaluate_cli
+from blip2_jax.cli import vqa as vqa_cli
+from blip2_jax.data import processing
 
 GEN = ["--num-beams", "3", "--max-new-tokens", "5", "--min-new-tokens", "2", "--batch-size", "2"]
 HF_GEN = dict(num_beams=3, max_new_tokens=5, min_new_tokens=2, do_sample=False)
@@ -39,7 +41,7 @@ def ckpts(tmp_path_factory):
       arch, fam = {"opt": ("Blip2ForConditionalGeneration", "opt"), "t5": ("Blip2ForConditionalGeneration", "t5"),
                    "ret": ("Blip2ForImageTextRetrieval", None),
                    "instruct_llama": ("InstructBlipForConditionalGeneration", "llama")}[name]
-      made[name] = testing.save_tiny(str(root / name), arch, fam)
+      made[name] = tiny.save_tiny(str(root / name), arch, fam)
     return made[name]
   return get
 
@@ -152,21 +154,22 @@ def test_caption_library_rejects_retrieval_model(ckpts):
   tok = processing.load_tokenizer(ckpts("ret"))
   with pytest.raises(TypeError, match="has no language model; captioning it uses the Q-Former LM head"):
     inference.caption(model, params, tok, [np.zeros((28, 28, 3), np.uint8)])
-  with pytest.raises(TypeError, match="VQA needs a checkpoint with a language model"):
+  with pytest.raises(TypeError, match="VQA needs a checkpoint with a language model.*ConditionalGeneration; Blip2ForImageTextRetrieval has none"):
     inference.answer(model, params, tok, [np.zeros((28, 28, 3), np.uint8)], ["what"])
 
 
 def test_caption_cli_stage1_qformer_head(ckpts, images, tmp_path, capsys):
   """A retrieval checkpoint + qformer_lm_head.safetensors captions with the Q-Former (LAVIS stage 1);
   the CLI's lines equal qformer_decoding.generate on the processor's pixels (which
-  tests/models/test_qformer_decoding.py checks against transformers generate)."""
+  tests/decoding/test_qformer_decoding.py checks against transformers generate)."""
   import shutil
 
   import jax
 
   import blip2_jax
-  from blip2_jax.models import qformer, qformer_decoding
-  from blip2_jax.weights import hf as hf_io
+  from blip2_jax.checkpoints import hf as hf_io
+  from blip2_jax.decoding import qformer as qformer_decoding
+  from blip2_jax.models import qformer
   d = str(tmp_path / "stage1")
   shutil.copytree(ckpts("ret"), d)
   model, params = blip2_jax.from_pretrained(d)
@@ -253,7 +256,7 @@ def test_evaluate_caption_both_formats(ckpts, images, tmp_path, capsys):
   m = res["metrics"]
   assert set(m) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"}
   assert all(0 <= m[f"Bleu_{k}"] <= 1 for k in range(1, 5)) and m["CIDEr"] >= 0
-  assert m == pytest.approx(evaluate_cli.evaluate_captions([p["caption"] for p in preds], list(REFS.values())))
+  assert m == pytest.approx(evaluation.evaluate_captions([p["caption"] for p in preds], list(REFS.values())))
   assert {k: float(v) for k, v in printed.items()} == pytest.approx(m, abs=1e-4)
   # the captions are the caption CLI's; COCO format (image 99 has no caption: left out) gives the same
   res2 = _evaluate(tmp_path, *common, "--annotations", str(coco))
@@ -278,7 +281,7 @@ def test_evaluate_vqa_both_formats(ckpts, images, tmp_path, capsys):
   preds = res["predictions"]
   assert [p["question_id"] for p in preds] == [7, 8, 9]
   assert all(0 <= p["accuracy"] <= 1 and isinstance(p["answer"], str) for p in preds)
-  acc = evaluate_cli.vqa_accuracy([p["answer"] for p in preds], [r["answer"] for r in recs])
+  acc = evaluation.vqa_accuracy([p["answer"] for p in preds], [r["answer"] for r in recs])
   assert res["metrics"] == {"accuracy": pytest.approx(acc)} and 0 <= acc <= 100
   assert float(dict(_lines(capsys))["accuracy"]) == pytest.approx(acc, abs=1e-4)
   res2 = _evaluate(tmp_path, *common, "--annotations", str(jsonl))
@@ -310,12 +313,12 @@ def test_evaluate_retrieval(ckpts, images, tmp_path, capsys):
   model, params = blip2_jax.from_pretrained(ckpts("ret"))
   tok = processing.load_tokenizer(ckpts("ret"))
   px = processing.ImageProcessor.from_pretrained(ckpts("ret"))([str(images / k) for k in REFS])
-  texts = [evaluate_cli.pre_caption(c) for v in REFS.values() for c in v]
+  texts = [data.pre_caption(c) for v in REFS.values() for c in v]
   enc = tok(texts, padding="max_length", truncation=True, max_length=35, return_tensors="np")
   s = inference.retrieval_scores(model, params, px, enc["input_ids"], enc["attention_mask"], k=4, batch_size=4)
-  t2i, i2t = evaluate_cli.coco_style_maps([2, 3, 1])
-  ref_i2t = evaluate_cli.retrieval_recall(s["i2t"], t2i, i2t)
-  ref_t2i = evaluate_cli.retrieval_recall(s["t2i"].T, t2i, i2t)
+  t2i, i2t = evaluation.coco_style_maps([2, 3, 1])
+  ref_i2t = evaluation.retrieval_recall(s["i2t"], t2i, i2t)
+  ref_t2i = evaluation.retrieval_recall(s["t2i"].T, t2i, i2t)
   for key in m:
     if key != "r_mean":
       assert m[key] == (ref_i2t if key.startswith("txt") else ref_t2i)[key], key

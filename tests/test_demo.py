@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from blip2_jax import demo
+from blip2_jax.cli import demo
 from blip2_jax.data import synthetic
 
 
@@ -43,16 +43,16 @@ def _tiny_towers(root):
   import torch
   import transformers
 
-  from blip2_jax import testing
+  from blip2_jax.checkpoints import tiny
   torch.manual_seed(0)
   bert = os.path.join(root, "bert")
   transformers.BertModel(transformers.BertConfig(
       vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
       max_position_embeddings=32)).save_pretrained(bert)
-  testing.tiny_tokenizer("bert").save_pretrained(bert)
+  tiny.tiny_tokenizer("bert").save_pretrained(bert)
   llm = os.path.join(root, "llama")
-  transformers.LlamaForCausalLM(testing.tiny_text_config("llama")).save_pretrained(llm)
-  testing.tiny_tokenizer("llama").save_pretrained(llm)
+  transformers.LlamaForCausalLM(tiny.tiny_text_config("llama")).save_pretrained(llm)
+  tiny.tiny_tokenizer("llama").save_pretrained(llm)
   return bert, llm
 
 

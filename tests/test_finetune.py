@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blip2_jax import finetune, testing
-from blip2_jax.train import batches, losses, optim
+from blip2_jax.checkpoints import tiny
+from blip2_jax.cli import finetune
+from blip2_jax.data import synthetic
+from blip2_jax.train import batches, losses, optim, tasks
 
 # A random tiny LLM knows no language to keep frozen, so everything trains (frozen=) at a high lr without
 # warmup, with the VQA recipe's AdamW b2 and layer-wise decay for every task: tasks on the same
@@ -33,11 +35,11 @@ ARCH = {"caption": "Blip2ForConditionalGeneration", "vqa": "InstructBlipForCondi
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   root = tmp_path_factory.mktemp("finetune")
-  ckpts = {a: testing.save_tiny(str(root / a), a, "opt") for a in set(ARCH.values())}
+  ckpts = {a: tiny.save_tiny(str(root / a), a, "opt") for a in set(ARCH.values())}
   data = {}
   for task in ARCH:
-    data[task] = (testing.write_shapes_dataset(str(root / "data"), f"{task}_train", task, 64, seed=0),
-                  testing.write_shapes_dataset(str(root / "data"), f"{task}_val", task, 16, seed=1))
+    data[task] = (synthetic.write_shapes_dataset(str(root / "data"), f"{task}_train", task, 64, seed=0),
+                  synthetic.write_shapes_dataset(str(root / "data"), f"{task}_val", task, 16, seed=1))
   return root, ckpts, data
 
 
@@ -129,7 +131,7 @@ def test_overrides_defaults_and_mismatches(env, tmp_path, capsys):
   root, ckpts, data = env
   # unknown keys and bad values name themselves
   assert finetune.main(_args(env, "vqa", tmp_path, "optim.lrr=1") + ["--print-config"]) == 2
-  assert "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)" in capsys.readouterr().err
+  assert "--set optim.lrr=1: the config has no field 'optim.lrr' (did you mean 'optim.lr'?)" in capsys.readouterr().err
   assert finetune.main(_args(env, "vqa", tmp_path, "num_epochs=two") + ["--print-config"]) == 2
   assert "expected an integer" in capsys.readouterr().err
   assert finetune.main(_args(env, "vqa", tmp_path, "optim=1") + ["--print-config"]) == 2
@@ -149,7 +151,7 @@ def test_overrides_defaults_and_mismatches(env, tmp_path, capsys):
   assert set(c.frozen) == {"model/vision_model/.*", "model/language_model/.*"} and tuple(c.mesh) == (1, 8, 1)
   assert (per_epoch, steps, c.eval_every, c.optim.warmup_steps) == (8, 40, 8, 4)  # warmup <= a tenth of the run
   # a retrieval checkpoint has no LLM
-  itm = testing.save_tiny(str(tmp_path / "itm"), "Blip2ForImageTextRetrieval")
+  itm = tiny.save_tiny(str(tmp_path / "itm"), "Blip2ForImageTextRetrieval")
   assert finetune.main(_args(env, "caption", tmp_path, model=itm)) == 2
   assert "has no language model" in capsys.readouterr().err
 
@@ -161,10 +163,10 @@ def test_overrides_defaults_and_mismatches(env, tmp_path, capsys):
 
 
 def _fake_setup(family, instruct):
-  text = types.SimpleNamespace(eos_token_id=testing.tiny_text_config(family).eos_token_id)
+  text = types.SimpleNamespace(eos_token_id=tiny.tiny_text_config(family).eos_token_id)
   cfg = types.SimpleNamespace(family=family, instruct=instruct, text=text)
-  return types.SimpleNamespace(model=types.SimpleNamespace(config=cfg), llm_tokenizer=testing.tiny_tokenizer(family),
-                               qformer_tokenizer=testing.tiny_tokenizer("bert") if instruct else None)
+  return types.SimpleNamespace(model=types.SimpleNamespace(config=cfg), llm_tokenizer=tiny.tiny_tokenizer(family),
+                               qformer_tokenizer=tiny.tiny_tokenizer("bert") if instruct else None)
 
 
 def _vqa_config():
@@ -202,10 +204,10 @@ def test_vqa_batches_prefix_lm(family, instruct):
 def test_vqa_answers_follow_annotator_frequency():
   rec = {"question": "q", "answers": ["red"] * 6 + ["crimson"] * 3 + ["blue"]}
   rng = np.random.default_rng(0)
-  draws = [batches.vqa_fields(rec, rng)["answer"] for _ in range(4000)]
+  draws = [tasks.vqa_fields(rec, rng)["answer"] for _ in range(4000)]
   freq = {a: draws.count(a) / len(draws) for a in ("red", "crimson", "blue")}
   assert freq == pytest.approx({"red": 0.6, "crimson": 0.3, "blue": 0.1}, abs=0.03)
-  assert batches.vqa_fields(rec, None)["answer"] == "red"  # eval: the most frequent
+  assert tasks.vqa_fields(rec, None)["answer"] == "red"  # eval: the most frequent
 
 
 # ----------------------------------------------------------------------------------------

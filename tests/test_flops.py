@@ -1,10 +1,10 @@
-"""blip2_jax.flops: matmul FLOPs counted on the jaxpr, scan bodies times their length (XLA's cost
+"""blip2_jax.core.flops: matmul FLOPs counted on the jaxpr, scan bodies times their length (XLA's cost
 analysis counts them once, which made the training loop's MFU ~num_layers too low with scan=True)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip2_jax.flops import count_flops
+from blip2_jax.core.flops import count_flops
 
 
 def _stack(x, w):
@@ -31,9 +31,9 @@ def test_batched_dot_and_convolution():
 
 
 def test_scanned_and_unrolled_model_count_the_same():
-  from blip2_jax import testing
+  from blip2_jax.checkpoints import tiny
   from blip2_jax.models import blip2
-  hf = testing.tiny_blip2_config("opt")
+  hf = tiny.tiny_blip2_config("opt")
   counts = []
   for scan in (False, True):
     cfg = blip2.Blip2Config.from_hf(hf, scan=scan)

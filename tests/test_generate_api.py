@@ -5,16 +5,16 @@ import torch
 import transformers
 
 import blip2_jax
-from blip2_jax import testing
+from blip2_jax.checkpoints import tiny
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(tiny_checkpoint):
   made = {}
 
   def get(family):
     if family not in made:
-      d = testing.save_tiny(str(tmp_path_factory.mktemp(family)), "Blip2ForConditionalGeneration", family)
+      d = tiny_checkpoint("Blip2ForConditionalGeneration", family)
       made[family] = (d, *blip2_jax.from_pretrained(d),
                       transformers.Blip2ForConditionalGeneration.from_pretrained(d, attn_implementation="eager").eval())
     return made[family]
@@ -47,14 +47,14 @@ def test_generate_matches_hf(ckpt, family, beams):
   model, params, px, ids = _compare(ckpt, family, max_new_tokens=6, num_beams=beams)
   # same shapes again: no new compile
   from blip2_jax import inference
-  before = inference._generate_fn.cache_info().misses
+  before = inference.generation._generate_fn.cache_info().misses
   blip2_jax.generate(model, params, px, ids, np.ones_like(ids), max_new_tokens=6, num_beams=beams)
-  assert inference._generate_fn.cache_info().misses == before
+  assert inference.generation._generate_fn.cache_info().misses == before
 
 
 # Every family with the options of the issue: beams 3 / 5, length_penalty -1 / 0 / 1, min_new_tokens,
 # repetition_penalty, no_repeat_ngram_size (the search alone is checked far more widely in
-# tests/test_generation.py; this runs them through each real LLM and its cache).
+# tests/decoding/test_search.py; this runs them through each real LLM and its cache).
 MODES = [dict(num_beams=5, length_penalty=-1.0, min_new_tokens=3, max_new_tokens=6),
          dict(num_beams=3, length_penalty=0.0, repetition_penalty=1.3, no_repeat_ngram_size=2, max_new_tokens=6),
          dict(num_beams=1, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=2, max_new_tokens=6)]
@@ -67,7 +67,7 @@ def test_generate_modes_match_hf(ckpt, family, mode):
 
 
 def test_generate_rejects_retrieval_checkpoint(tmp_path):
-  d = testing.save_tiny(str(tmp_path), "Blip2ForImageTextRetrieval")
+  d = tiny.save_tiny(str(tmp_path), "Blip2ForImageTextRetrieval")
   model, params = blip2_jax.from_pretrained(d)
   with pytest.raises(TypeError, match="needs a checkpoint with a language model"):
     blip2_jax.generate(model, params, np.zeros((1, 28, 28, 3), np.float32))

@@ -1,4 +1,4 @@
-"""Hugging Face Hub ids for from_pretrained and every --model (blip2_jax.hub), offline: a cache in
+"""Hugging Face Hub ids for from_pretrained and every --model (blip2_jax.core.hub), offline: a cache in
 huggingface_hub's own layout (models--ORG--NAME/{blobs,snapshots/<commit>,refs/<name>}) is built from a
 tiny saved checkpoint and read through the real library with HF_HUB_OFFLINE=1 (tests/conftest.py)."""
 import hashlib
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 import blip2_jax
-from blip2_jax import caption, hub, testing
-from blip2_jax.cli import options
+from blip2_jax.checkpoints import tiny
+from blip2_jax.cli import caption, options
+from blip2_jax.core import hub
+from blip2_jax.data import synthetic
 
 REPO = "test-org/tiny-blip2"
 MAIN, V1 = "a" * 40, "b" * 40  # commit hashes of two revisions
@@ -48,8 +50,8 @@ def cache(tmp_path_factory):
   and test-org/tiny-opt (main) for the fine-tuning command."""
   root = tmp_path_factory.mktemp("hf_home")
   src = tmp_path_factory.mktemp("src")
-  testing.save_tiny(str(src / "ret"), "Blip2ForImageTextRetrieval")
-  testing.save_tiny(str(src / "opt"), "Blip2ForConditionalGeneration", "opt")
+  tiny.save_tiny(str(src / "ret"), "Blip2ForImageTextRetrieval")
+  tiny.save_tiny(str(src / "opt"), "Blip2ForConditionalGeneration", "opt")
   add_to_cache(root / "hub", REPO, str(src / "ret"), MAIN)
   add_to_cache(root / "hub", REPO, str(src / "opt"), V1, refs=("v1",))
   add_to_cache(root / "hub", "test-org/tiny-opt", str(src / "opt"), MAIN)
@@ -114,7 +116,7 @@ def test_not_cached_offline_is_one_line_and_exit_2(tmp_path, capsys):
 def test_cli_reads_hf_home(cache, tmp_path):
   """A command line, its own process: HF_HOME points at the cache, HF_HUB_OFFLINE=1; --model is a Hub id
   (fine-tuning, stopped at --print-config: the checkpoint is checked, nothing is compiled)."""
-  testing.write_shapes_dataset(str(tmp_path / "data"), "train", "caption", 4)
+  synthetic.write_shapes_dataset(str(tmp_path / "data"), "train", "caption", 4)
   env = dict(os.environ, HF_HOME=str(cache), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
   for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # either would win over HF_HOME
     env.pop(name, None)

@@ -6,15 +6,15 @@ import sys
 
 import pytest
 
-from blip2_jax import parity, testing
-from blip2_jax.weights import hf as hfw
+from blip2_jax.checkpoints import hf as hfw
+from blip2_jax.cli import parity
 
 STAGES = ("vision", "qformer", "projection", "logits")
 
 
 @pytest.fixture(scope="module")
-def opt_dir(tmp_path_factory):
-  return testing.save_tiny(str(tmp_path_factory.mktemp("opt")), "Blip2ForConditionalGeneration", "opt")
+def opt_dir(tiny_checkpoint):
+  return tiny_checkpoint()
 
 
 def _table(out):

@@ -4,14 +4,16 @@ import pytest
 import torch
 import transformers
 
-from blip2_jax import inference, retrieve, testing
-from blip2_jax.weights import hf as hfw
+from blip2_jax import inference
+from blip2_jax.checkpoints import hf as hfw
+from blip2_jax.cli import retrieve
+
 from bounds import REL
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-  return testing.save_tiny(str(tmp_path_factory.mktemp("itm")), "Blip2ForImageTextRetrieval")
+def ckpt(tiny_checkpoint):
+  return tiny_checkpoint("Blip2ForImageTextRetrieval")
 
 
 def test_scores_match_torch(ckpt):
@@ -72,8 +74,8 @@ def test_retrieve_cli(ckpt, tmp_path, capsys):
   assert np.array(data["i2t"]).shape == (3, 3) and len(data["texts"]) == 3
 
 
-def test_retrieve_cli_rejects_a_captioning_checkpoint(tmp_path, capsys):
-  d = testing.save_tiny(str(tmp_path / "opt"), "Blip2ForConditionalGeneration", "opt")
+def test_retrieve_cli_rejects_a_captioning_checkpoint(tmp_path, tiny_checkpoint, capsys):
+  d = tiny_checkpoint()
   (tmp_path / "imgs").mkdir()
   (tmp_path / "imgs" / "a.png").write_bytes(b"")  # the images are listed before the checkpoint is checked
   (tmp_path / "t.txt").write_text("x\n")

@@ -15,13 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import blip2_jax
-from blip2_jax import parity, sharding as shd, testing
+from blip2_jax.checkpoints import io, parity, tiny
+from blip2_jax.core import sharding as shd
 from blip2_jax.models import blip2
-from blip2_jax.weights import io
+
 from bounds import assert_close
+
 NOT_DIVIDED = "mesh axes do not divide"
 
 # every dim divides by 8: vision 48 / 96 (heads of 12), Q-Former 32 / 64, OPT 40 / 72, vocab 120
@@ -40,9 +43,9 @@ def ckpt(tmp_path_factory):
     if name not in made:
       d = str(tmp_path_factory.mktemp(name))
       if name == "retrieval":
-        testing.save_tiny(d, "Blip2ForImageTextRetrieval", None)
+        tiny.save_tiny(d, "Blip2ForImageTextRetrieval", None)
       else:
-        testing.save_tiny(d, "Blip2ForConditionalGeneration", "opt", **(DIVISIBLE if name == "even" else UNEVEN))
+        tiny.save_tiny(d, "Blip2ForConditionalGeneration", "opt", **(DIVISIBLE if name == "even" else UNEVEN))
       model, params = blip2_jax.from_pretrained(d)
       inp = parity.make_inputs(model.config, batch=8)
       kw = dict(pixel_values=inp["pixel_values"], input_ids=inp["input_ids"], attention_mask=inp["attention_mask"])
@@ -196,7 +199,7 @@ def test_scanned_sharded_load_reads_only_its_layers(ckpt):
     assert all(s.data.shape == x.sharding.shard_shape(x.shape) for s in x.addressable_shards), name
     np.testing.assert_array_equal(np.asarray(x), np.asarray(r[name]), err_msg=name)
   # two scanned OPT layers split over data=2: each device block holds one layer
-  d2 = testing.save_tiny(str(os.path.join(os.path.dirname(d), "opt2")), "Blip2ForConditionalGeneration", "opt",
+  d2 = tiny.save_tiny(str(os.path.join(os.path.dirname(d), "opt2")), "Blip2ForConditionalGeneration", "opt",
                          vision_overrides=dict(num_hidden_layers=2, hidden_size=48, intermediate_size=96))
   _, p2 = blip2_jax.from_pretrained(d2, scan=True, mesh=mesh, axis_rules=rules)
   _, r2 = blip2_jax.from_pretrained(d2, scan=True)
@@ -212,7 +215,7 @@ def test_sharded_params_do_not_alias_the_file(tmp_path):
   memory-mapped checkpoint would then change (or fault) when the file is rewritten in place."""
   # The default tiny checkpoint: with the old loader 3 of its leaves (the 64-byte aligned ones
   # with no transpose) aliased the file and turned to zeros below.
-  d = testing.save_tiny(str(tmp_path), "Blip2ForConditionalGeneration", "opt")
+  d = tiny.save_tiny(str(tmp_path), "Blip2ForConditionalGeneration", "opt")
   _, ref = blip2_jax.from_pretrained(d)
   _, params, _ = _load(d, shd.make_mesh((2, 2, 2)), dtype=jnp.float32)
   path = f"{d}/model.safetensors"

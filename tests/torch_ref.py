@@ -1,5 +1,5 @@
 """PyTorch computations of LAVIS 1.0.2's training losses, written out with HF transformers modules,
-for the parity tests (tests/train/test_losses.py, tests/weights/test_lavis.py).
+for the parity tests (tests/train/test_losses.py, tests/checkpoints/test_lavis.py).
 
   stage1_losses   Blip2Qformer.forward (blip2_models/blip2_qformer.py): ITC, ITM, ITG
   opt_loss        Blip2OPT.forward (blip2_models/blip2_opt.py), prompt_length included

@@ -18,11 +18,25 @@ Exit statuses: 0 done, 1 the work failed (or, where a tool says so, finished wit
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import os
+import re
 import shutil
 import sys
 import traceback
+
+import jax.numpy as jnp
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from blip2_jax.checkpoints import hf, io
+from blip2_jax.core import hub
+from blip2_jax.core.errors import Failure, UsageError  # noqa: F401 - the commands raise options.UsageError
+from blip2_jax.data import processing
+from blip2_jax.models import registry
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -31,14 +45,6 @@ GENERATION_ARCHS = ("Blip2ForConditionalGeneration", "InstructBlipForConditional
 RETRIEVAL_ARCH = "Blip2ForImageTextRetrieval"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 QFORMER_HEAD_FILE = "qformer_lm_head.safetensors"  # stage-1 extras beside the weights, not the weights
-
-
-class UsageError(ValueError):
-  """Bad input: a flag, a file or a checkpoint directory. The message names the input and the problem."""
-
-
-class Failure(RuntimeError):
-  """The work failed (exit status 1); the message is the whole report."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -130,6 +136,126 @@ def nonnegative_float(text: str) -> float:
   if not 0 <= v < float("inf"):
     raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
   return v
+
+
+# ----------------------------------------------------------------------------------------
+# config overrides
+
+
+def override_items(argv: list[str], prefix: str = "--config.") -> tuple[list[str], list[str]]:
+  """Splits `--config.KEY=VALUE` (or `--config.KEY VALUE`) arguments out of argv -> (["KEY=VALUE", ...],
+  the other arguments)."""
+  items, rest, i = [], [], 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith(prefix):
+      if "=" in a:
+        items.append(a[len(prefix):])
+      elif i + 1 < len(argv):
+        items.append(f"{a[len(prefix):]}={argv[i + 1]}")
+        i += 1
+      else:
+        raise UsageError(f"{a}: expected {a}=VALUE")
+    else:
+      rest.append(a)
+    i += 1
+  return items, rest
+
+
+def apply_overrides(config, items, *, flag: str) -> set[str]:
+  """KEY=VALUE overrides (dotted keys) applied to the ConfigDict `config` in place; returns the keys set.
+  The one override path of the command lines (train's --config.KEY=VALUE, flag "--config."; finetune's
+  --set KEY=VALUE, flag "--set "): each value is parsed as its field's type by ml_collections, as its
+  config flags do (ints, floats, booleans, strings; a tuple as "1,8,1", "(1, 8, 1)" or "" for none). A key the config
+  lacks, a group, or a value of the wrong type is a UsageError naming the override."""
+  items = [str(i) for i in items]
+  keys, texts, done = [], [], set()
+  for item in items:
+    key, eq, text = item.partition("=")
+    if not eq or not key.strip():
+      raise UsageError(f"{flag}{item}: expected KEY=VALUE, e.g. {flag}optim.lr=3e-5")
+    current = _check_key(config, key.strip(), f"{flag}{item}")
+    if isinstance(current, list):  # ml_collections overrides tuples, not lists: set it here
+      _set(config, key.strip(), list(_parse_literal(_as_literal(text), f"{flag}{item}")))
+      done.add(key.strip())
+      continue
+    keys.append(key.strip())
+    texts.append(_as_literal(text) if isinstance(current, tuple) else text)
+  if not keys:
+    return done
+  values = flags.FlagValues()
+  argv = ["overrides"] + [f"--config.{k}={t}" for k, t in zip(keys, texts)]
+  saved, sys.argv = sys.argv, argv  # ml_collections defines a flag per override it sees in sys.argv
+  try:
+    config_flags.DEFINE_config_dict("config", config, flag_values=values, lock_config=False)
+    values(argv)
+  except flags.Error as e:  # "flag --config.KEY=VALUE: problem"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    bad = re.match(r"flag --config\.([^=]+)=(.*?): (.*)", text)
+    if not bad:
+      raise UsageError(f"{flag}: {text}") from None
+    problem = next((say for marker, say in _VALUE_PROBLEMS if marker in bad.group(3)), bad.group(3))
+    raise UsageError(f"{flag}{bad.group(1)}={bad.group(2)}: {problem}") from None
+  finally:
+    sys.argv = saved
+  new = values["config"].value
+  if new is not config:  # ml_collections may hand back a copy
+    for k in keys:
+      _set(config, k, _get(new, k))
+  return done | set(keys)
+
+
+def _get(config, key: str):
+  for part in key.split("."):
+    config = config[part]
+  return config
+
+
+def _set(config, key: str, value) -> None:
+  *parents, last = key.split(".")
+  for part in parents:
+    config = config[part]
+  config[last] = value
+
+
+def _parse_literal(text: str, where: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise UsageError(f"{where}: expected a comma-separated list") from None
+
+
+# ml_collections' messages for a value of the wrong type, said plainly
+_VALUE_PROBLEMS = (("invalid literal for int()", "expected an integer"),
+                   ("could not convert string to float", "expected a number"),
+                   ("Non-boolean argument", "expected true or false"))
+
+
+def _as_literal(text: str) -> str:
+  """A comma-separated list ("a/.*,b/.*", "1,8,1", "" for none) as the tuple literal ml_collections parses."""
+  if text.strip().startswith(("(", "[")):
+    return text
+  parts = [t.strip() for t in text.split(",") if t.strip()]
+  return repr(tuple(int(t) if re.fullmatch(r"-?\d+", t) else t for t in parts))
+
+
+def _check_key(config, key: str, where: str):
+  """The field's current value; UsageError for a key the config lacks or a group."""
+  node, parts = config, key.split(".")
+  for i, part in enumerate(parts):
+    here = ".".join(parts[:i + 1])
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      prefix = ".".join(parts[:i])
+      known = [f"{prefix}.{k}" if prefix else k for k in sorted(node.keys())] \
+          if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(here, known, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else f"; known here: {', '.join(known)}"
+      raise UsageError(f"{where}: the config has no field {here!r}{hint}")
+    node = node[part]
+  if isinstance(node, ml_collections.ConfigDict):
+    raise UsageError(f"{where}: {key!r} is a group; set one of its fields: "
+                     f"{', '.join(key + '.' + k for k in sorted(node.keys()))}")
+  return node
 
 
 # ----------------------------------------------------------------------------------------
@@ -225,7 +351,6 @@ def model_dir(path: str, flag: str = "--model", revision: str | None = None) -> 
   id's snapshot in the Hugging Face cache (fetched unless HF_HUB_OFFLINE is set). UsageError when a Hub id
   cannot be had (not cached while offline, unknown, gated); any other missing path is returned as given,
   for the checks below to report."""
-  from blip2_jax import hub
   try:
     return hub.resolve(path, revision=revision)
   except hub.HubError as e:
@@ -273,7 +398,6 @@ def check_weights(path: str, flag: str = "--model") -> None:
   size (truncated), or an index naming missing shards. Reads the headers only."""
   files = [f for f in os.listdir(path) if f != QFORMER_HEAD_FILE]
   if any(f.endswith(".safetensors") or f == WEIGHT_FILES[1] for f in files):
-    from blip2_jax.weights import io  # the same header checks as loading, without reading any tensor
     try:
       io.SafetensorsReader(path)
     except io.CheckpointError as e:
@@ -301,7 +425,6 @@ def check_checkpoint(path: str, *, flag: str = "--model", archs=None, task: str 
 
 def load_tokenizer(path: str, flag: str = "--model"):
   """processing.load_tokenizer with a missing tokenizer as a UsageError (load it before the weights)."""
-  from blip2_jax import processing
   try:
     return processing.load_tokenizer(path)
   except (FileNotFoundError, OSError, ValueError) as e:
@@ -310,7 +433,6 @@ def load_tokenizer(path: str, flag: str = "--model"):
 
 def check_tokenizer(path: str, flag: str = "--model") -> None:
   """UsageError when `path` holds no tokenizer files (cheap: nothing is loaded)."""
-  from blip2_jax import processing
   if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, f)) for f in processing._TOKENIZER_FILES):
     raise UsageError(f"{flag}: {path} holds no tokenizer files (looked for {', '.join(processing._TOKENIZER_FILES)}); "
                      "save the tokenizer with the checkpoint (tokenizer.save_pretrained(dir))")
@@ -318,8 +440,82 @@ def check_tokenizer(path: str, flag: str = "--model") -> None:
 
 def load_image_processor(path: str, flag: str = "--model"):
   """processing.ImageProcessor.from_pretrained with unreadable settings as a UsageError (load it before the weights)."""
-  from blip2_jax import processing
   try:
     return processing.ImageProcessor.from_pretrained(path)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise UsageError(f"{flag} {path}: cannot read its image processor settings: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------
+# images and generation flags (caption, vqa, retrieve, evaluate)
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def list_images(images_dir: str) -> list[str]:
+  """The files with an image extension in `images_dir`, sorted (not recursive); UsageError when there are none."""
+  check_input_dir(images_dir, "--images-dir")
+  files = sorted(os.path.join(images_dir, f) for f in os.listdir(images_dir)
+                 if f.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(images_dir, f)))
+  if not files:
+    raise UsageError(f"--images-dir {images_dir}: holds no images ({', '.join(IMAGE_EXTS)})")
+  return files
+
+
+def image_inputs(files, images_dir) -> tuple[list[str], list[str]]:
+  """(paths, names) of IMAGE arguments and of the images in --images-dir; UsageError when a file is
+  missing or there is no image at all."""
+  paths, names = [], []
+  for f in files:
+    if not os.path.isfile(f):
+      raise UsageError(f"image file not found: {f}" if not os.path.exists(f) else f"image {f}: not a file")
+    paths.append(f)
+    names.append(f)
+  if images_dir:
+    for f in list_images(images_dir):
+      paths.append(f)
+      names.append(os.path.relpath(f, images_dir))
+  if not paths:
+    raise UsageError("no images: give IMAGE files and/or --images-dir")
+  return paths, names
+
+
+def report_skipped(errors, names) -> None:
+  """Lists the images that could not be read (after the results)."""
+  print(f"skipped {len(errors)} unreadable image(s):", file=sys.stderr)
+  for i, msg in errors:
+    print(f"  {names[i]}: {msg}", file=sys.stderr)
+
+
+def load_generation_checkpoint(model_dir: str, dtype: str = "float32", task: str = "captioning"):
+  """-> (model, params, tokenizer, qformer_tokenizer or None, ImageProcessor). The directory, its
+  tokenizers and its image processor are checked before the weights load (UsageError naming the problem)."""
+  cfg = check_checkpoint(model_dir, archs=GENERATION_ARCHS, task=task)
+  tok = load_tokenizer(model_dir)
+  qtok = None
+  if cfg.get("model_type") == "instructblip":
+    qtok = load_tokenizer(os.path.join(model_dir, "qformer_tokenizer"))
+  proc = load_image_processor(model_dir)
+  model, params = hf.from_pretrained(model_dir, dtype=jnp.dtype(dtype))
+  if not registry.can(model, registry.LM):  # config.json named no architecture
+    raise UsageError(f"--model {model_dir} is a {model.config.architecture} checkpoint, which has no language "
+                     f"model; {task} needs a {' or '.join(GENERATION_ARCHS)} checkpoint")
+  return model, params, tok, qtok, proc
+
+
+def add_generation_args(p, defaults: dict) -> None:
+  """Generation flags; left unset they take the task's LAVIS defaults for the checkpoint's family."""
+  for flag, key, kind in (("--num-beams", "num_beams", positive_int),
+                          ("--max-new-tokens", "max_new_tokens", positive_int),
+                          ("--min-new-tokens", "min_new_tokens", nonnegative_int)):
+    p.add_argument(flag, type=kind, default=None, help=f"default {defaults[key]} (LAVIS)")
+  p.add_argument("--batch-size", type=positive_int, default=8,
+                 help="images per compiled batch (default 8); the last batch is padded")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype of the ViT and the LLM (the Q-Former stays float32)")
+
+
+def generation_options(a) -> dict:
+  """The generation flags the user set (the rest keep the library's per-task defaults)."""
+  return {k: getattr(a, k) for k in ("num_beams", "max_new_tokens", "min_new_tokens") if getattr(a, k) is not None}

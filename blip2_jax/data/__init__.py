@@ -6,17 +6,34 @@
 
 See pipeline.py for the batch layout, the skip counter ("num_skipped") and resuming.
 """
-from blip2_jax.data.pipeline import (SKIPPED, caption_text, eval_num_batches, make_eval_loader, make_tokenize_fn,
-                                     make_train_loader)
-from blip2_jax.data.sources import (AnnotationSource, ArrayRecordSource, TfdsSource, deserialize_record,
-                                    expand_captions, read_annotations, serialize_record, shard_paths,
-                                    validate_annotations)
-from blip2_jax.data.transforms import (decode_image, pre_caption, random_resized_crop_params,
-                                       train_image_transform)
+from blip2_jax.data.annotations import expand_captions, read_annotations, validate_annotations
+from blip2_jax.data.pipeline import (
+                                     SKIPPED,
+                                     caption_text,
+                                     eval_num_batches,
+                                     make_eval_loader,
+                                     make_tokenize_fn,
+                                     make_train_loader,
+)
+from blip2_jax.data.sources import (
+                                     AnnotationSource,
+                                     ArrayRecordSource,
+                                     TfdsSource,
+                                     deserialize_record,
+                                     serialize_record,
+                                     shard_paths,
+)
+from blip2_jax.data.transforms import (
+                                     decode_image,
+                                     pre_caption,
+                                     pre_question,
+                                     random_resized_crop_params,
+                                     train_image_transform,
+)
 
 __all__ = [
     "SKIPPED", "caption_text", "eval_num_batches", "make_eval_loader", "make_tokenize_fn", "make_train_loader",
     "AnnotationSource", "ArrayRecordSource", "TfdsSource", "deserialize_record", "expand_captions",
-    "read_annotations", "serialize_record", "shard_paths", "validate_annotations", "decode_image", "pre_caption",
+    "read_annotations", "serialize_record", "shard_paths", "validate_annotations", "decode_image", "pre_caption", "pre_question",
     "random_resized_crop_params", "train_image_transform",
 ]

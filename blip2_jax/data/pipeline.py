@@ -41,8 +41,8 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from blip2_jax.data.processing import ImageLoadError, ImageProcessor
 from blip2_jax.data.transforms import MAX_WORDS, decode_image, pre_caption, train_image_transform
-from blip2_jax.processing import ImageLoadError, ImageProcessor
 
 log = logging.getLogger("blip2_jax.data")
 

@@ -29,260 +29,15 @@ import glob
 import json
 import os
 import struct
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-TEXT_SCHEMAS = {  # schema name -> required text fields
-    "caption": ("caption",),
-    "vqa": ("question", "answers"),
-    "instruction": ("instruction", "response"),
-}
-META_KEYS = frozenset({"image_id", "question_id", "id", "instance_id", "dataset"})
-KNOWN_KEYS = frozenset({"image"}) | {k for ks in TEXT_SCHEMAS.values() for k in ks} | META_KEYS
+from blip2_jax.data import annotations
 
 _MAGIC = b"B2JR"
 
 
-# ----------------------------------------------------------------------------------------
-# annotation files
-# ----------------------------------------------------------------------------------------
-def _read_raw(path: str) -> tuple[str, list[tuple[int, Any]]]:
-  """(unit, [(number, parsed object or Exception)]): unit "line" numbers JSONL physical file lines,
-  unit "record" numbers the records of a JSON list (COCO captions: its images that have captions); both from 1."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"annotation file not found: {path}")
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
-  if path.endswith(".jsonl") or (not text.lstrip().startswith(("[", "{")) or _looks_jsonl(text)):
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        out.append((n, json.loads(line)))
-      except json.JSONDecodeError as e:
-        out.append((n, ValueError(f"invalid JSON: {e}")))
-    return "line", out
-  data = json.loads(text)
-  if isinstance(data, dict) and "images" in data and "annotations" in data:
-    return "record", list(enumerate(_group_coco(data), 1))
-  if isinstance(data, dict) and "annotations" in data:  # some LAVIS files wrap the list
-    data = data["annotations"]
-  elif isinstance(data, dict) and "image" in data:  # a one-line JSONL file
-    return "line", [(1, data)]
-  if not isinstance(data, list):
-    raise ValueError(f"{path}: expected a JSON list of records, a COCO captions file or JSONL")
-  return "record", list(enumerate(data, 1))
-
-
-def location(path: str | os.PathLike, unit: str, n: int) -> str:
-  """Where a record is, for messages: "PATH:N" for line N of a JSONL file (as compilers write it),
-  "PATH: record N" for the N-th record of a JSON list; both count from 1."""
-  return f"{os.fspath(path)}:{n}" if unit == "line" else f"{os.fspath(path)}: record {n}"
-
-
-def _looks_jsonl(text: str) -> bool:
-  """A file of several top-level JSON objects, one a line."""
-  lines = [l for l in text.splitlines() if l.strip()]
-  if len(lines) < 2 or not lines[0].lstrip().startswith("{"):
-    return False
-  try:
-    json.loads(lines[0])
-    return True
-  except json.JSONDecodeError:
-    return False
-
-
-def _group_coco(data: dict) -> list[dict]:
-  caps: dict[Any, list[str]] = {}
-  for a in data["annotations"]:
-    caps.setdefault(a["image_id"], []).append(a["caption"])
-  return [{"image": im["file_name"], "caption": caps.get(im["id"], []), "image_id": im["id"]}
-          for im in data["images"] if im["id"] in caps]
-
-
-def read_annotations(path: str | os.PathLike) -> list[dict]:
-  """Reads a LAVIS JSON list, a COCO captions JSON or a JSONL file -> list of record dicts (unexpanded).
-
-  Raises ValueError naming the line for a line that is not a JSON object (run `validate_annotations`
-  for a report of all problems at once).
-  """
-  out = []
-  unit, raw = _read_raw(os.fspath(path))
-  for n, rec in raw:
-    if isinstance(rec, Exception) or not isinstance(rec, dict):
-      raise ValueError(f"{location(path, unit, n)}: {rec if isinstance(rec, Exception) else 'not a JSON object'}")
-    out.append(rec)
-  return out
-
-
-def schema_of(record: dict) -> str | None:
-  """'caption', 'vqa' or 'instruction' by the text fields present; None when none is."""
-  for name, keys in TEXT_SCHEMAS.items():
-    if keys[0] in record:
-      return name
-  return None
-
-
-def _type_name(v) -> str:
-  return {str: "a string", list: "a list", dict: "an object", bool: "a boolean", int: "a number",
-          float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _text_problem(key: str, v) -> str | None:
-  """What is wrong with text field `key` (None when nothing): "caption" is a string or a list of
-  strings, "answers" a list of strings, the others a string; no text may be empty."""
-  if key == "answers":
-    if not isinstance(v, list):
-      return f'"answers" must be a list of strings, not {_type_name(v)}'
-  elif key == "caption":
-    if not isinstance(v, (str, list)):
-      return f'"caption" must be a string or a list of strings, not {_type_name(v)} ({json.dumps(v)[:40]})'
-  elif not isinstance(v, str):
-    return f'"{key}" must be a string, not {_type_name(v)} ({json.dumps(v)[:40]})'
-  if isinstance(v, str):
-    return None if v.strip() else f'empty text in "{key}"'
-  if not v:
-    return f'"{key}" is an empty list'
-  bad = [x for x in v if not isinstance(x, str)]
-  if bad:
-    return f'"{key}" must hold strings, found {_type_name(bad[0])} ({json.dumps(bad[0])[:40]})'
-  if not all(x.strip() for x in v):
-    return f'empty text in "{key}"'
-  return None
-
-
-def _image_problem(rec: dict, root: str, check_files: bool) -> str | None:
-  if "image" not in rec:
-    return 'missing "image" path'
-  img = rec["image"]
-  if not isinstance(img, str):
-    return f'"image" must be a path string, not {_type_name(img)} ({json.dumps(img)[:60]})'
-  if not img.strip():
-    return 'empty "image" path'
-  if check_files:
-    full = os.path.join(root, img)
-    if not os.path.isfile(full):
-      return f"image file not found: {full}"
-  return None
-
-
-def _unreadable_image(path: str) -> str | None:
-  """Why the file at `path` is not an image Pillow can open (its header only: cheap), or None."""
-  import PIL.Image
-  try:
-    with PIL.Image.open(path) as im:
-      im.size  # noqa: B018 - the header is parsed on open; size is what every format has
-  except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
-    return f"not a readable image: {path} ({type(e).__name__}: {e})"
-  return None
-
-
-# Keys people write by mistake -> what the format calls them (named in the "unknown keys" report).
-KEY_HINTS = {"answer": "answers", "captions": "caption", "text": "caption", "image_path": "image", "file_name": "image",
-             "output": "response", "prompt": "instruction", "input": "instruction"}
-
-
-class Problems(list):
-  """[(number, problem)] from `validate_annotations`; `unit` says what the numbers count: "line"
-  (JSONL file lines) or "record" (records of a JSON list, or of a list of dicts), both from 1."""
-
-  def __init__(self, items=(), unit: str = "line"):
-    super().__init__(items)
-    self.unit = unit
-
-
-def validate_annotations(records: str | os.PathLike | Sequence[dict], images_dir: str | os.PathLike | None,
-                         *, extra_keys: Iterable[str] = (), check_files: bool = True,
-                         check_images: bool = False, kinds: Iterable[str] | None = None) -> Problems:
-  """Checks every record up front -> Problems [(number, problem)], empty when all is well.
-
-  `records` is a path (numbers are JSONL file lines, or record numbers in a JSON list, from 1) or a
-  list of dicts (record numbers from 1); `Problems.unit` says which. Problems: invalid JSON, not an
-  object, no "image" or one that is not a path string, image file missing (when `check_files`) or
-  not an image Pillow can open (when `check_images`: reads each file's header only, so a file cut
-  short inside its pixel data still passes), no known text field, a required text field missing,
-  empty or of the wrong type ("caption": a string or a list of strings; "answers": a list of strings;
-  "question", "instruction", "response": a string), fields of two record kinds in one record, a kind
-  outside `kinds` (a subset of TEXT_SCHEMAS: what the task trains on), unknown keys (anything outside
-  the three schemas, META_KEYS and `extra_keys`; a likely misspelling is named, e.g. "answer" -> "answers").
-  """
-  if isinstance(records, (str, os.PathLike)):
-    unit, raw = _read_raw(os.fspath(records))
-  else:
-    unit, raw = "record", list(enumerate(records, 1))
-  known = KNOWN_KEYS | set(extra_keys)
-  allowed = None if kinds is None else tuple(kinds)
-  for k in allowed or ():
-    if k not in TEXT_SCHEMAS:
-      raise ValueError(f"unknown record kind {k!r}; choose from {sorted(TEXT_SCHEMAS)}")
-  root = os.fspath(images_dir) if images_dir is not None else ""
-  problems = Problems(unit=unit)
-  for n, rec in raw:
-    if isinstance(rec, Exception):
-      problems.append((n, str(rec)))
-      continue
-    if not isinstance(rec, dict):
-      problems.append((n, f"not a JSON object ({type(rec).__name__})"))
-      continue
-    img_problem = _image_problem(rec, root, check_files)
-    if img_problem is None and check_files and check_images:
-      img_problem = _unreadable_image(os.path.join(root, rec["image"]))
-    if img_problem is not None:
-      problems.append((n, img_problem))
-    present = [name for name, keys in TEXT_SCHEMAS.items() if any(k in rec for k in keys)]
-    schema = schema_of(rec)
-    if len(present) > 1:
-      fields = ", ".join(k for s in present for k in TEXT_SCHEMAS[s] if k in rec)
-      problems.append((n, f"mixes the fields of {' and '.join(present)} records ({fields}); one kind per record"))
-    elif schema is None and present:
-      schema = present[0]  # e.g. "answers" without "question": reported as a missing field below
-    if schema is None:
-      problems.append((n, f"no text field: expected one of {[k[0] for k in TEXT_SCHEMAS.values()]}"))
-    else:
-      if allowed is not None and schema not in allowed:
-        problems.append((n, f"a {schema} record, but this task takes {' or '.join(allowed)} records "
-                            f"({' | '.join('+'.join(TEXT_SCHEMAS[a]) for a in allowed)})"))
-      for k in TEXT_SCHEMAS[schema]:
-        if k not in rec:
-          problems.append((n, f'{schema} record without "{k}"'))
-        else:
-          why = _text_problem(k, rec[k])
-          if why:
-            problems.append((n, why))
-    unknown = sorted(set(rec) - known)
-    if unknown:
-      hints = [f"{k} (did you mean {KEY_HINTS[k]!r}?)" if k in KEY_HINTS else k for k in unknown]
-      problems.append((n, f"unknown keys: {', '.join(hints)}"))
-  return problems
-
-
-def format_problems(problems: Sequence[tuple[int, str]], path: str, *, limit: int = 50) -> str:
-  """A report of `validate_annotations` problems: a summary line, then one "PATH:LINE: problem" (JSONL)
-  or "PATH: record N: problem" (JSON list) line per problem (the first `limit`)."""
-  unit = getattr(problems, "unit", "line")
-  where = sorted({n for n, _ in problems})
-  out = [f"{path}: {len(problems)} problem(s) {'on' if unit == 'line' else 'in'} {len(where)} {unit}(s):"]
-  out += [f"  {location(path, unit, n)}: {p}" for n, p in problems[:limit]]
-  if len(problems) > limit:
-    out.append(f"  ... and {len(problems) - limit} more")
-  return "\n".join(out)
-
-
-def expand_captions(records: Sequence[dict]) -> list[dict]:
-  """One record per caption where "caption" is a list (other records unchanged)."""
-  out = []
-  for r in records:
-    if isinstance(r.get("caption"), (list, tuple)):
-      out.extend({**r, "caption": c} for c in r["caption"])
-    else:
-      out.append(r)
-  return out
-
-
-_expand = expand_captions
 
 
 class AnnotationSource:
@@ -297,7 +52,7 @@ class AnnotationSource:
   def __init__(self, records: Sequence[dict], images_dir: str | os.PathLike | None = None, *,
                expand_captions: bool = True):
     self.images_dir = os.path.abspath(os.fspath(images_dir)) if images_dir is not None else os.getcwd()
-    recs = _expand(records) if expand_captions else list(records)
+    recs = annotations.expand_captions(records) if expand_captions else list(records)
     for i, r in enumerate(recs):
       if not isinstance(r, dict) or not isinstance(r.get("image"), str):
         raise ValueError(f"annotation record {i} has no \"image\" path: {r!r:.200}")
@@ -308,7 +63,7 @@ class AnnotationSource:
     """`images_dir` defaults to the annotation file's directory."""
     if images_dir is None:
       images_dir = os.path.dirname(os.path.abspath(os.fspath(path)))
-    return cls(read_annotations(path), images_dir, **kw)
+    return cls(annotations.read_annotations(path), images_dir, **kw)
 
   def __len__(self) -> int:
     return len(self._records)

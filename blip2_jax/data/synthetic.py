@@ -12,7 +12,11 @@ captions or retrieves test scenes correctly has composed attributes it saw separ
 """
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
+from PIL import Image
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 190), "orange": (245, 140, 30)}
@@ -110,3 +114,46 @@ def vocabulary() -> list[str]:
   for p in POSITIONS:
     words |= set(p.split())
   return sorted(words)
+
+
+# ----------------------------------------------------------------------------------------
+# annotation files of scenes, for the command lines' tests and examples
+
+
+SHAPES_QUESTIONS = (("what color are the shapes ?", "color"), ("how many shapes are there ?", "count"),
+                    ("what shape is in the picture ?", "shape"))
+SHAPES_INSTRUCTIONS = (("name the color of the shapes .", "color"), ("count the shapes .", "count"),
+                       ("name the shape .", "shape"))
+
+
+def write_shapes_dataset(root: str, name: str, task: str, num_records: int, *, seed: int = 0, size: int = 64,
+                         split: str = "all") -> str:
+  """A small fine-tuning dataset of generated scenes: PNGs in ROOT/images/NAME_i.png and ROOT/NAME.jsonl
+  in the `python -m blip2_jax.finetune` format (image paths relative to ROOT/images), one record per
+  scene: task "caption" ({"image", "caption"}), "vqa" ({"image", "question", "answers"}: ten answers as
+  VQAv2, nine right and one a random colour / count / shape, so answer sampling sees annotator noise)
+  or "instruct" ({"image", "instruction", "response"}). Questions cycle through colour, count and shape.
+  Returns the JSONL path."""
+  src = ShapesSource(num_records, split=split, seed=seed, size=size)
+  choices = {"color": list(COLORS), "count": list(COUNTS), "shape": list(SHAPES)}
+  rng = np.random.default_rng([seed, 99])
+  os.makedirs(os.path.join(root, "images"), exist_ok=True)
+  path = os.path.join(root, f"{name}.jsonl")
+  with open(path, "w") as f:
+    for i in range(num_records):
+      r = src[i]
+      image = f"{name}_{i}.png"
+      Image.fromarray(r["image"]).save(os.path.join(root, "images", image))
+      if task == "caption":
+        rec = {"image": image, "caption": r["caption"]}
+      elif task == "vqa":
+        q, attr = SHAPES_QUESTIONS[i % len(SHAPES_QUESTIONS)]
+        noise = str(rng.choice(choices[attr]))
+        rec = {"image": image, "question": q, "answers": [r[attr]] * 9 + [noise], "question_id": i}
+      elif task == "instruct":
+        ins, attr = SHAPES_INSTRUCTIONS[i % len(SHAPES_INSTRUCTIONS)]
+        rec = {"image": image, "instruction": ins, "response": r[attr]}
+      else:
+        raise ValueError(f"task must be caption, vqa or instruct, got {task!r}")
+      f.write(json.dumps(rec) + "\n")
+  return path

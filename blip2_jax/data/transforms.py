@@ -24,8 +24,15 @@ import re
 
 import numpy as np
 
-from blip2_jax.processing import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_BICUBIC, ImageLoadError, _pil, decode,
-                                  load_image)
+from blip2_jax.data.processing import (
+  OPENAI_CLIP_MEAN,
+  OPENAI_CLIP_STD,
+  PIL_BICUBIC,
+  ImageLoadError,
+  _pil,
+  decode,
+  load_image,
+)
 
 CROP_SCALE = (0.5, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -54,6 +61,12 @@ def pre_caption(caption: str, max_words: int = MAX_WORDS) -> str:
 # ----------------------------------------------------------------------------------------
 # images
 # ----------------------------------------------------------------------------------------
+def pre_question(question: str, max_words: int = MAX_WORDS) -> str:
+  """LAVIS `BlipQuestionProcessor.pre_question`: lower-case, drop . ! " ( ) * # : ; ~, <= max_words."""
+  question = re.sub(r"([.!\"()*#:;~])", "", question.lower()).rstrip(" ")
+  return " ".join(question.split(" ")[:max_words])
+
+
 def decode_image(image, name: str | None = None):
   """A record's image -> RGB `PIL.Image`. `image` is a path, encoded bytes, a PIL image or a uint8 array.
 

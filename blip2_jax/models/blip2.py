@@ -16,9 +16,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from blip2_jax.core.naming import Rule, prefixed
 from blip2_jax.models import layers as L
-from blip2_jax.models import qformer, registry, t5, vit
-from blip2_jax.weights.table import Rule, prefixed
+from blip2_jax.models import qformer, registry, vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Blip2Config:
   """A BLIP-2 / InstructBLIP composite. `text` is None for the retrieval-only models.
 
   The eps of the norm between the ViT and the Q-Former is `vision.post_layernorm_eps`: None (HF
-  checkpoints: the vision `layer_norm_eps`, 1e-6) or 1e-5 after `weights.lavis.load_lavis` (LAVIS's
+  checkpoints: the vision `layer_norm_eps`, 1e-6) or 1e-5 after `checkpoints.lavis.load_lavis` (LAVIS's
   `ln_vision`); `to_hf` / `from_hf` carry it in the vision config (see vit.VisionConfig)."""
   vision: vit.VisionConfig
   qformer: qformer.QFormerConfig
@@ -351,15 +351,6 @@ def dummy_inputs(config: Blip2Config, batch: int = 1, text_len: int = 2) -> dict
   if config.is_encoder_decoder:
     kw["decoder_input_ids"] = ids
   return kw
-
-
-def fit_to_checkpoint(config: Blip2Config, reader) -> Blip2Config:
-  """Settings that transformers reads from the weights rather than config.json: a T5 head is
-  untied exactly when the checkpoint holds `language_model.lm_head.weight` (transformers 5)."""
-  if config.family == "t5":
-    tied = not t5.checkpoint_has_lm_head(reader, prefix="language_model.")
-    return dataclasses.replace(config, text=dataclasses.replace(config.text, tie_word_embeddings=tied))
-  return config
 
 
 def hf_ignore(config: Blip2Config) -> list[str]:

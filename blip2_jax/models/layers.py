@@ -4,7 +4,7 @@ every model config inherits (`Runtime`) with the factories that build layers fro
 (`dense`, `norm`, `embed`).
 
 Logical axis names used on parameters and activations (mapped to mesh axes by
-`blip2_jax.sharding`):
+`blip2_jax.core.sharding`):
   params:      embed, mlp, heads (= num_heads * head_dim, flattened), kv_heads, vocab,
                layers (the scan axis), norm, patch, pos, relpos
   activations: activation_batch, activation_length, activation_embed, activation_mlp,

@@ -19,9 +19,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax.core.naming import Rule
 from blip2_jax.models import causal_lm
 from blip2_jax.models import layers as L
-from blip2_jax.weights.table import Rule
 
 ACT_AXES = (L.BATCH, L.LENGTH, L.EMBED)
 ROPE_TYPES = ("default", "linear", "llama3")

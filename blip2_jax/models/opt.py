@@ -18,9 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from blip2_jax.core.naming import Rule
 from blip2_jax.models import causal_lm
 from blip2_jax.models import layers as L
-from blip2_jax.weights.table import Rule
 
 ACT_AXES = (L.BATCH, L.LENGTH, L.EMBED)
 POS_OFFSET = 2  # OPTLearnedPositionalEmbedding: fairseq reserves ids 0, 1

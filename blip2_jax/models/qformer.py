@@ -37,8 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from blip2_jax.core.naming import Rule, prefixed
 from blip2_jax.models import layers as L
-from blip2_jax.weights.table import Rule, prefixed
 
 ACT = (L.BATCH, L.LENGTH, L.EMBED)
 LAYOUTS = ("blip2", "instructblip")

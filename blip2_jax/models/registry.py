@@ -186,5 +186,6 @@ def require(x, capability: str, task: str | None = None) -> None:
     return
   name = x if isinstance(x, str) else _config_of(x).architecture
   task = task or CAPABILITIES[capability]
-  raise TypeError(f"{task} needs a {' or '.join(architectures_with(capability))} model; "
-                  f"{name} has no {CAPABILITIES[capability]}")
+  archs = architectures_with(capability)
+  archs = ", ".join(archs[:-1]) + " or " + archs[-1] if len(archs) > 1 else archs[0]
+  raise TypeError(f"{task} needs a checkpoint with {CAPABILITIES[capability]}: {archs}; {name} has none")

@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax.core.naming import Rule
 from blip2_jax.models import layers as L
-from blip2_jax.weights.table import Rule
 
 ACT = (L.BATCH, L.LENGTH, L.EMBED)
 
@@ -64,7 +64,7 @@ class T5Config(L.Runtime):
     `tie_word_embeddings`: whether the checkpoint has NO separate lm_head.weight. The HF 5.x
     config object cannot tell (it always says True), so the default follows the pre-5.x
     meaning, `scale_decoder_outputs` (False for T5 v1.1 / FlanT5, whose checkpoints all hold
-    an lm_head.weight). `config_for_checkpoint` decides it from the checkpoint instead.
+    an lm_head.weight). `checkpoints.towers.text_config_from_dir` decides it from the checkpoint instead.
     """
     import transformers
     if isinstance(hf_config, dict):
@@ -133,21 +133,6 @@ class T5Config(L.Runtime):
   def weight_std(self) -> float:
     # The std every kernel here but `wo` and the (1.0) embedding/head tables starts from.
     return self.d_model ** -0.5
-
-
-def checkpoint_has_lm_head(source, prefix: str = "") -> bool:
-  """Whether a checkpoint (path or reader) holds a separate `{prefix}lm_head.weight`."""
-  from blip2_jax.weights import io
-  reader = io.open_checkpoint(source) if isinstance(source, (str, bytes)) or hasattr(
-      source, "__fspath__") else source
-  return f"{prefix}lm_head.weight" in reader
-
-
-def config_for_checkpoint(path: str, **runtime) -> T5Config:
-  """T5Config for a save_pretrained directory, the head tying read from the weights."""
-  import transformers
-  hf = transformers.T5Config.from_pretrained(path)
-  return T5Config.from_hf(hf, tie_word_embeddings=not checkpoint_has_lm_head(path), **runtime)
 
 
 # ----------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax.core.naming import Rule
 from blip2_jax.models import layers as L
-from blip2_jax.weights.table import Rule
 
 BATCH, LENGTH, EMBED = L.BATCH, L.LENGTH, L.EMBED
 ACT = (BATCH, LENGTH, EMBED)
@@ -38,7 +38,7 @@ class VisionConfig(L.Runtime):
   """Every Blip2VisionConfig field that changes the computation, plus runtime fields.
 
   post_layernorm_eps: eps of the final norm only. None (HF checkpoints) means `layer_norm_eps`,
-  as HF's Blip2VisionModel computes (1e-6); `weights.lavis.load_lavis` sets 1e-5, the eps of
+  as HF's Blip2VisionModel computes (1e-6); `checkpoints.lavis.load_lavis` sets 1e-5, the eps of
   LAVIS's `ln_vision` (a default torch LayerNorm). HF's Blip2VisionConfig has no such field:
   `to_hf` writes a value that differs from layer_norm_eps as an extra `post_layernorm_eps` key of
   the vision config, which `from_hf` (so `from_pretrained`) reads back and transformers keeps on

@@ -1,4 +1,4 @@
-"""Host-side batch assembly: a data-pipeline batch (numpy) -> the model batch of each task.
+"""Host-side batch assembly: a data-pipeline batch (numpy) -> the model batch of each task (train/tasks.py).
 
 Every array gets a fixed width (`max_txt_len`), so the train step compiles once.
   stage1 / retrieval: pixel_values + BERT input_ids / attention_mask (tokenised in the pipeline)
@@ -8,7 +8,7 @@ Every array gets a fixed width (`max_txt_len`), so the train step compiles once.
                       in its Q-Former)
   vqa:                a prefix LM: prompt "Question: {q} Answer:" ("Short answer:" for T5, as zero-shot
                       BLIP-2 VQA) and one answer per question, drawn from "answers" by annotator frequency
-                      (`vqa_fields`); the loss is on the answer only (`prefix_lm_text`)
+                      (`tasks.vqa_fields`); the loss is on the answer only (`prefix_lm_text`)
   instruct:           the instruction as the prompt, the response as the target (`prefix_lm_text`)
 Both prefix-LM tasks give the prompt to the Q-Former too (qformer_input_ids) when the model is an
 InstructBLIP; a BLIP-2 Q-Former has no text input (HF Blip2ForConditionalGeneration), so there
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from blip2_jax.train import losses
+from blip2_jax.data import processing
+from blip2_jax.train import losses, tasks
 
 IGNORE = losses.IGNORE
-DEFAULT_INSTRUCTION = "Write a short description for the image."  # InstructBLIP captioning template
 
 
 def fix_width(x: np.ndarray, width: int, fill) -> np.ndarray:
@@ -95,11 +95,11 @@ def qformer_text(qtok, texts, width: int) -> dict:
 
 def make_batch_fn(config, setup):
   """-> fn(pipeline_batch, np.random.Generator) -> model batch (numpy, fixed widths)."""
-  task = config.task
+  task = tasks.get(config.task)
   width = int(config.data.max_txt_len)
   family = setup.model.config.family
 
-  if task in ("stage1", "retrieval"):
+  if task.stage1:
     def stage1(b, rng):
       return {"pixel_values": b["image"], "input_ids": b["input_ids"].astype(np.int32),
               "attention_mask": b["attention_mask"].astype(np.int32)}
@@ -110,7 +110,7 @@ def make_batch_fn(config, setup):
   if instruct_model and qtok is None:
     raise ValueError("an InstructBLIP model needs the Q-Former tokenizer (config.tokenizer.qformer)")
   eos = setup.model.config.text.eos_token_id
-  if task in ("stage2", "caption"):
+  if task.records == "caption":
     def lm(b, rng):
       text = losses.build_stage2_batch(ltok, [str(t) for t in b["text"]], family, prompt=config.loss.prompt,
                                        max_len=width, prefix_ratio=config.loss.t5_prefix_ratio, rng=rng,
@@ -121,25 +121,22 @@ def make_batch_fn(config, setup):
       return out
     return lm
 
-  if task in ("vqa", "instruct"):
-    from blip2_jax import processing
-    template = str(config.loss.get("vqa_prompt", "") or "")
+  template = str(config.loss.get("vqa_prompt", "") or "")
 
-    def prompt_of(q: str) -> str:
-      return template.format(q.strip()) if template else processing.vqa_prompt(q, family)
+  def prompt_of(q: str) -> str:
+    return template.format(q.strip()) if template else processing.vqa_prompt(q, family)
 
-    def prefix_lm(b, rng):
-      if task == "vqa":
-        prompts, targets = [prompt_of(str(q)) for q in b["question"]], [str(a) for a in b["answer"]]
-      else:
-        prompts, targets = [str(t) for t in b["instruction"]], [str(t) for t in b["response"]]
-      out = prefix_lm_text(ltok, family, prompts, targets, width, eos)
-      if instruct_model:
-        out.update(qformer_text(qtok, prompts, width))
-      out["pixel_values"] = b["image"]
-      return out
-    return prefix_lm
-  raise ValueError(f"unknown task {task!r}")
+  def prefix_lm(b, rng):
+    if task.records == "vqa":
+      prompts, targets = [prompt_of(str(q)) for q in b["question"]], [str(a) for a in b["answer"]]
+    else:
+      prompts, targets = [str(t) for t in b["instruction"]], [str(t) for t in b["response"]]
+    out = prefix_lm_text(ltok, family, prompts, targets, width, eos)
+    if instruct_model:
+      out.update(qformer_text(qtok, prompts, width))
+    out["pixel_values"] = b["image"]
+    return out
+  return prefix_lm
 
 
 def abstract_batch(config, setup, sharding=None) -> dict:
@@ -149,7 +146,7 @@ def abstract_batch(config, setup, sharding=None) -> dict:
   b, w, size = int(config.global_batch_size), int(config.data.max_txt_len), int(config.model.image_size)
   cfg = setup.model.config
   text = ["input_ids", "attention_mask"]
-  if config.task not in ("stage1", "retrieval"):
+  if not tasks.get(config.task).stage1:
     text.append("labels")
     if cfg.is_encoder_decoder:
       text.append("decoder_attention_mask")
@@ -158,32 +155,3 @@ def abstract_batch(config, setup, sharding=None) -> dict:
   out = {"pixel_values": jax.ShapeDtypeStruct((b, size, size, 3), np.float32, sharding=sharding)}
   out.update({k: jax.ShapeDtypeStruct((b, w), np.int32, sharding=sharding) for k in text})
   return out
-
-
-def vqa_fields(record: dict, rng) -> dict:
-  """Pipeline text_fn for VQA data: {"question", "answer"}, the answer drawn uniformly from the
-  "answers" list, i.e. each distinct answer with its annotator frequency (["red", "red", "crimson"]:
-  "red" 2/3 of the time); eval (rng None) takes the most frequent one."""
-  answers = record.get("answers")
-  if isinstance(answers, str):
-    answers = [answers]
-  if not answers:
-    raise ValueError(f"VQA record without answers: keys {sorted(record)}")
-  if rng is None:
-    a = max(set(answers), key=lambda x: (answers.count(x), -answers.index(x)))
-  else:
-    a = answers[int(rng.integers(len(answers)))]
-  return {"question": str(record["question"]), "answer": str(a)}
-
-
-def instruct_fields(record: dict, rng) -> dict:
-  """Pipeline text_fn for instruction data: {"instruction", "response"}; a caption-only record
-  becomes (DEFAULT_INSTRUCTION, caption) (InstructBLIP's captioning template)."""
-  if "instruction" in record:
-    return {"instruction": record["instruction"], "response": record["response"]}
-  cap = record.get("caption")
-  if isinstance(cap, (list, tuple)):
-    cap = cap[int(rng.integers(len(cap)))] if rng is not None else cap[0]
-  if not isinstance(cap, str):
-    raise ValueError(f"record has neither instruction/response nor caption: keys {sorted(record)}")
-  return {"instruction": DEFAULT_INSTRUCTION, "response": cap}

@@ -6,7 +6,7 @@ Eval data (`make_eval_set`):
     held-out (colour, shape) combinations the train split never shows;
   * otherwise data.eval_annotations (a LAVIS / COCO / JSONL file) with images under
     data.eval_images_dir (default data.images_dir; default: the file's directory). Its records are of
-    one kind (`data.sources.TEXT_SCHEMAS`): captions (a caption list keeps every caption as a
+    one kind (`data.annotations.TEXT_SCHEMAS`): captions (a caption list keeps every caption as a
     reference, records with one caption each are grouped by image; the first eval.num_records images,
     0: all), VQA {"question", "answers"} or instructions {"instruction", "response"} (one item per
     record, the first eval.num_records, 0: all).
@@ -26,7 +26,7 @@ pycocoevalcap scale (fractions):
     identical-caption twin is not an error. With one distinct caption per image this is exactly
     `evaluation.retrieval_recall` (LAVIS `report_metrics`).
   stage2 / caption / instruct on caption data: greedy (eval.num_beams) captions of every eval image with
-    `inference.caption` (prompt loss.prompt; instruct: `batches.DEFAULT_INSTRUCTION`), scored
+    `inference.caption` (prompt loss.prompt; instruct: `tasks.DEFAULT_INSTRUCTION`), scored
     eval/caption_exact (normalised as `pre_caption`, against any reference), eval/bleu4, eval/cider
     (`evaluation.evaluate_captions`); "eval/examples": [(first reference, prediction), ...].
   VQA data: `inference.answer` (prompt loss.vqa_prompt, default "Question: {} Answer:" / "... Short
@@ -34,8 +34,8 @@ pycocoevalcap scale (fractions):
     LAVIS's other VQA settings, scored eval/vqa_acc (VQAv2 accuracy, percent, `evaluation.vqa_accuracy`).
   instruction data: the instruction as the prompt (`inference.caption`), scored eval/exact_match
     (percent of responses equal to the reference after `pre_caption` normalisation).
-TASK_METRICS names each fine-tuning task's headline metric (what the loop's best checkpoint tracks).
   eval/num_images, eval/time_s.
+Each task's headline metric (what the loop's best checkpoint tracks) is its `tasks.Task.metric`.
 
 Compiles: every call runs fixed shapes (images in batches of eval.batch_size, the last padded; the
 text width is data.max_txt_len; prompts are padded to the longest of the set), so the jitted programs
@@ -53,14 +53,16 @@ import time
 
 import numpy as np
 
-log = logging.getLogger("blip2_jax.train")
+from blip2_jax import evaluation, inference
+from blip2_jax.data import annotations, processing, synthetic
+from blip2_jax.data.transforms import pre_caption
+from blip2_jax.evaluation.retrieval import ranks_i2t
+from blip2_jax.train import tasks
 
-STAGE1_TASKS = ("stage1", "retrieval")
+log = logging.getLogger("blip2_jax.train")
 
 # Defaults of config.eval (used for fields a config does not set).
 EVAL_DEFAULTS = dict(num_records=32, batch_size=16, max_new_tokens=20, num_beams=1, k=16, num_examples=4)
-# Headline metric of each fine-tuning task (higher is better), for best-checkpoint keeping.
-TASK_METRICS = {"caption": "eval/cider", "vqa": "eval/vqa_acc", "instruct": "eval/exact_match"}
 PRELOAD_BYTES = 1 << 30  # eval sets up to this size (float32 pixels) are decoded once, larger ones per use
 
 
@@ -97,7 +99,6 @@ def eval_options(config) -> dict:
 
 
 def _normalise(text: str) -> str:
-  from blip2_jax.data.transforms import pre_caption
   return pre_caption(str(text), 10_000)
 
 
@@ -105,7 +106,6 @@ def _records(config, limit: int):
   """-> (images (uint8 arrays or paths), references, names, kind, prompts), or None without eval data."""
   d = config.data
   if d.source == "shapes":
-    from blip2_jax.data import synthetic
     src = synthetic.ShapesSource(max(1, limit or EVAL_DEFAULTS["num_records"]), split="test",
                                  seed=int(config.seed) + 1, size=max(64, int(config.model.image_size)))
     recs = [src[i] for i in range(len(src))]
@@ -114,16 +114,15 @@ def _records(config, limit: int):
   path = d.get("eval_annotations", "")
   if not path:
     return None
-  from blip2_jax.data import sources
-  raw = sources.read_annotations(path)
+  raw = annotations.read_annotations(path)
   root = d.get("eval_images_dir", "") or d.get("images_dir", "") or os.path.dirname(os.path.abspath(path))
-  kinds = {sources.schema_of(r) for r in raw}
+  kinds = {annotations.schema_of(r) for r in raw}
   if len(kinds) != 1 or None in kinds:
     raise ValueError(f"{path}: eval records must all be of one kind (caption, vqa or instruction records), "
                      f"found {sorted(str(k) for k in kinds)}; run data.validate_annotations for a report")
   kind = kinds.pop()
   if kind != "caption":
-    if config.task in STAGE1_TASKS:
+    if tasks.get(config.task).stage1:
       raise ValueError(f"{path}: {config.task} evaluation needs caption records, not {kind} records")
     recs = raw[:limit] if limit else raw
     for n, r in enumerate(recs, 1):
@@ -155,7 +154,6 @@ def _records(config, limit: int):
 
 def make_eval_set(config, setup) -> EvalSet | None:
   """The held-out set `config` describes (module docstring), preprocessed; None when none is configured."""
-  from blip2_jax import processing
   opts = eval_options(config)
   got = _records(config, int(opts["num_records"]))
   if got is None:
@@ -163,7 +161,7 @@ def make_eval_set(config, setup) -> EvalSet | None:
     return None
   images, refs, names, kind, prompts = got
   size = int(config.model.image_size)
-  if config.task not in STAGE1_TASKS and all(isinstance(im, str) for im in images) and \
+  if not tasks.get(config.task).stage1 and all(isinstance(im, str) for im in images) and \
       len(images) * size * size * 3 * 4 > PRELOAD_BYTES:
     log.info("eval: %d images, more than %d MiB as pixels: decoded at each evaluation", len(images),
              PRELOAD_BYTES >> 20)
@@ -184,7 +182,6 @@ def make_eval_set(config, setup) -> EvalSet | None:
     return EvalSet(np.stack(px).astype(np.float32), refs, [], [], [], names=names, kind=kind, prompts=prompts)
 
   max_words = int(config.data.get("max_words", 50))
-  from blip2_jax.data.transforms import pre_caption
   texts: list[str] = []
   index: dict[str, int] = {}
   img2txt: list[list[int]] = []
@@ -204,7 +201,7 @@ def make_eval_set(config, setup) -> EvalSet | None:
       txt2img[t].append(i)
 
   ids = mask = None
-  if config.task in STAGE1_TASKS:
+  if tasks.get(config.task).stage1:
     tok = setup.qformer_tokenizer
     enc = tok(texts, padding="max_length", truncation=True, max_length=int(config.data.max_txt_len),
               return_tensors="np")
@@ -216,13 +213,11 @@ def recall_at(sim: np.ndarray, positives: list[list[int]], ks=(1, 5)) -> dict[in
   """R@K in percent for rows of `sim` (queries x candidates) with several correct candidates each:
   a query's rank is the number of wrong candidates scoring >= its best correct one (ties count
   against it, as `evaluation.retrieval`)."""
-  from blip2_jax.evaluation.retrieval import ranks_i2t
   r = ranks_i2t(np.asarray(sim), positives)
   return {k: 100.0 * float(np.mean(r < k)) for k in ks}
 
 
 def _retrieval(config, setup, params_tree, es: EvalSet, opts: dict) -> dict:
-  from blip2_jax import inference
   s = inference.retrieval_scores(setup.model, params_tree["model"], es.pixel_values, es.input_ids,
                                  es.attention_mask, k=int(opts["k"]), batch_size=int(opts["batch_size"]))
   out = {}
@@ -245,14 +240,11 @@ def _retrieval(config, setup, params_tree, es: EvalSet, opts: dict) -> dict:
 
 
 def caption_prompt(config) -> str:
-  if config.task == "instruct":
-    from blip2_jax.train.batches import DEFAULT_INSTRUCTION
-    return DEFAULT_INSTRUCTION
-  return str(config.loss.get("prompt", "") or "")
+  """The task's own evaluation prompt (instruct: InstructBLIP's captioning template), else loss.prompt."""
+  return tasks.get(config.task).prompt or str(config.loss.get("prompt", "") or "")
 
 
 def _captions(config, setup, params_tree, es: EvalSet, opts: dict) -> dict:
-  from blip2_jax import evaluation, inference
   preds = inference.caption(setup.model, params_tree["model"], setup.llm_tokenizer, es.images,
                             prompt=caption_prompt(config), batch_size=int(opts["batch_size"]),
                             qformer_tokenizer=setup.qformer_tokenizer, num_beams=int(opts["num_beams"]),
@@ -267,7 +259,6 @@ def _captions(config, setup, params_tree, es: EvalSet, opts: dict) -> dict:
 
 def _answers(config, setup, params_tree, es: EvalSet, opts: dict) -> dict:
   """VQA accuracy of `inference.answer` on the questions (module docstring)."""
-  from blip2_jax import evaluation, inference
   template = str(config.loss.get("vqa_prompt", "") or "") or None
   preds = inference.answer(setup.model, params_tree["model"], setup.llm_tokenizer, es.images, es.prompts,
                            batch_size=int(opts["batch_size"]), qformer_tokenizer=setup.qformer_tokenizer,
@@ -281,7 +272,6 @@ def _answers(config, setup, params_tree, es: EvalSet, opts: dict) -> dict:
 
 def _responses(config, setup, params_tree, es: EvalSet, opts: dict) -> dict:
   """Exact match of the generated responses to the instructions (module docstring)."""
-  from blip2_jax import inference
   preds = inference.caption(setup.model, params_tree["model"], setup.llm_tokenizer, es.images, prompt=es.prompts,
                             batch_size=int(opts["batch_size"]), qformer_tokenizer=setup.qformer_tokenizer,
                             num_beams=int(opts["num_beams"]), max_new_tokens=int(opts["max_new_tokens"]),
@@ -304,7 +294,7 @@ def evaluate(config, setup, params_tree, eval_set: EvalSet | None) -> dict:
     return {}
   t0 = time.time()
   opts = eval_options(config)
-  if config.task in STAGE1_TASKS:
+  if tasks.get(config.task).stage1:
     out = _retrieval(config, setup, params_tree, eval_set, opts)
   elif eval_set.kind == "vqa":
     out = _answers(config, setup, params_tree, eval_set, opts)

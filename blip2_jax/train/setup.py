@@ -6,7 +6,7 @@ Training trees (what the optimizer and checkpoints see; frozen-parameter regexes
                                       "qformer_lm_head": QFormerLMHead params, "temp": ()}
   LM tasks (stage2, caption, instruct): {"model": Blip2ForConditionalGeneration params}
 Initialisation (`config.model.init`):
-  towers      stage 1: ViT from a BLIP-2 / vision directory + Q-Former from BERT (weights.towers);
+  towers      stage 1: ViT from a BLIP-2 / vision directory + Q-Former from BERT (checkpoints.towers);
               stage 2: ViT, query tokens and Q-Former from a stage-1 directory (`model.pretrained`)
               + the LLM from its own directory (`model.language_model`); projections fresh.
   pretrained  a blip2-jax / HF BLIP-2 directory (stage-1 tasks also read qformer_lm_head.safetensors).
@@ -21,8 +21,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-STAGE1_TASKS = ("stage1", "retrieval")
-LM_TASKS = ("stage2", "caption", "instruct")
+from blip2_jax.checkpoints import hf, io, tiny, towers
+from blip2_jax.data import processing
+from blip2_jax.models import blip2, presets, qformer, vit
+from blip2_jax.train import tasks
+
 TEMP_INIT = 0.07  # LAVIS Blip2Qformer.temp
 
 
@@ -42,11 +45,10 @@ def _runtime(config) -> dict:
 
 def load_tokenizer(spec: str, what: str):
   """A tokenizer directory, or "tiny:<family>" for the word-level test tokenizers."""
-  from blip2_jax import processing, testing
   if not spec:
     raise ValueError(f"config.tokenizer.{what} is empty: set it to a tokenizer directory")
   if spec.startswith("tiny:"):
-    return testing.tiny_tokenizer(spec.split(":", 1)[1])
+    return tiny.tiny_tokenizer(spec.split(":", 1)[1])
   return processing.load_tokenizer(spec)
 
 
@@ -72,7 +74,6 @@ def _take_like(src, like):
 
 def resize_positions(config, params, image_size: int):
   """(config, params) for `image_size`: ViT position embeddings resized bicubically (torch-exact)."""
-  from blip2_jax.models import vit
   v = config.vision
   if image_size == v.image_size:
     return config, params
@@ -89,8 +90,6 @@ def resize_positions(config, params, image_size: int):
 
 
 def _stage1_extras(model, seed: int, head=None, temp=None) -> dict:
-  from blip2_jax.models import qformer
-  from blip2_jax.weights import io
   if head is None:
     q = model.config.qformer
     head = io.init_params(qformer.QFormerLMHead(q), seed, *qformer.init_args(q)[0])
@@ -100,8 +99,6 @@ def _stage1_extras(model, seed: int, head=None, temp=None) -> dict:
 def _random(config):
   import transformers
 
-  from blip2_jax.models import blip2
-  from blip2_jax.weights import io
   d = config.model.hf_config.to_dict() if hasattr(config.model.hf_config, "to_dict") else dict(config.model.hf_config)
   if not d:
     raise ValueError("model.init='random' needs model.hf_config (a transformers Blip2Config as a dict)")
@@ -113,8 +110,6 @@ def _random(config):
 
 
 def _towers_stage1(config):
-  from blip2_jax.models import blip2
-  from blip2_jax.weights import towers
   m = config.model
   for k in ("vision", "qformer_bert"):
     if not m[k]:
@@ -122,15 +117,12 @@ def _towers_stage1(config):
   cfg = towers.config_from_towers(m.vision, m.qformer_bert, None, architecture=m.architecture,
                                   num_query_tokens=m.num_query_tokens,
                                   cross_attention_frequency=m.cross_attention_frequency, **_runtime(config))
-  model, params, report = towers.init_from_towers(cfg, vision=m.vision, qformer_bert=m.qformer_bert, seed=config.seed)
-  del blip2
+  _, params, report = towers.init_from_towers(cfg, vision=m.vision, qformer_bert=m.qformer_bert, seed=config.seed)
   return cfg, params, report
 
 
 def _towers_stage2(config):
   """Stage 2 from a stage-1 directory (ViT, query tokens, Q-Former) + an LLM directory."""
-  from blip2_jax.models import blip2
-  from blip2_jax.weights import hf, towers
   m = config.model
   if not m.pretrained or not m.language_model:
     raise ValueError("stage 2 with model.init='towers' needs model.pretrained (the stage-1 directory) and "
@@ -155,32 +147,21 @@ def _towers_stage2(config):
   return cfg, params, report
 
 
-def _check_task(task: str) -> None:
-  if task not in STAGE1_TASKS + LM_TASKS:
-    raise ValueError(f"config.task {task!r}: choose one of {STAGE1_TASKS + LM_TASKS}")
-
-
-def _check_model(task: str, cfg) -> None:
-  want = "Blip2ForImageTextRetrieval" if task in STAGE1_TASKS else None
-  if want and cfg.architecture != want:
-    raise ValueError(f"task {task!r} trains a {want}; the model is a {cfg.architecture}")
-  if task in LM_TASKS and cfg.text is None:
-    raise ValueError(f"task {task!r} needs a model with a language model; {cfg.architecture} has none")
-  if task == "instruct" and not cfg.instruct:
-    raise ValueError("task 'instruct' needs an InstructBLIP model (its Q-Former reads the instruction)")
+def _check_model(task: tasks.Task, cfg) -> None:
+  if task.stage1 and cfg.architecture != "Blip2ForImageTextRetrieval":
+    raise ValueError(f"task {task.name!r} trains a Blip2ForImageTextRetrieval; the model is a {cfg.architecture}")
+  if not task.stage1 and cfg.text is None:
+    raise ValueError(f"task {task.name!r} needs a model with a language model; {cfg.architecture} has none")
 
 
 def build(config) -> Setup:
   """The model, training tree and tokenizers that `config` describes (see the module docstring)."""
-  from blip2_jax.models import blip2
-  from blip2_jax.weights import hf
-  task, init = config.task, config.model.init
-  _check_task(task)
+  task, init = tasks.get(config.task), config.model.init
   head = temp = None
   if init == "random":
     cfg, params, report = _random(config)
   elif init == "towers":
-    cfg, params, report = (_towers_stage1 if task in STAGE1_TASKS else _towers_stage2)(config)
+    cfg, params, report = (_towers_stage1 if task.stage1 else _towers_stage2)(config)
     head = report.pop("qformer_lm_head", None)
   elif init == "pretrained":
     if not config.model.pretrained:
@@ -188,7 +169,7 @@ def build(config) -> Setup:
     model, params = hf.from_pretrained(config.model.pretrained, **{k: v for k, v in _runtime(config).items()
                                                                      if k != "param_dtype"}, param_dtype=jnp.float32)
     cfg, report = model.config, {"init": f"pretrained {config.model.pretrained}"}
-    if task in STAGE1_TASKS:
+    if task.stage1:
       head, temp = hf.load_qformer_head(config.model.pretrained, model)
   else:
     raise ValueError(f"model.init {init!r}: choose towers, pretrained or random")
@@ -197,13 +178,13 @@ def build(config) -> Setup:
   cfg, params = resize_positions(cfg, params, int(config.model.image_size))
   model = blip2.build(cfg)
   tree = {"model": params}
-  if task in STAGE1_TASKS:
+  if task.stage1:
     tree.update(_stage1_extras(model, config.seed, head, temp))
   qtok = None
-  if task in STAGE1_TASKS or cfg.instruct:
+  if task.stage1 or cfg.instruct:
     qtok = _qformer_tokenizer(config.tokenizer.qformer, cfg.qformer.vocab_size)
   ltok = None
-  if task in LM_TASKS:
+  if not task.stage1:
     spec = config.tokenizer.llm or config.model.language_model or config.model.pretrained
     ltok = load_tokenizer(spec, "llm")
   return Setup(model, tree, qtok, ltok, report)
@@ -214,10 +195,9 @@ def build(config) -> Setup:
 
 
 def _hf_shapes(config):
-  """The transformers config of `model.preset` (a released model, blip2_jax.presets) or `model.hf_config`."""
+  """The transformers config of `model.preset` (a released model, blip2_jax.models.presets) or `model.hf_config`."""
   import transformers
 
-  from blip2_jax import presets
   m = config.model
   if m.get("preset"):
     return presets.hf_config(m.preset, num_query_tokens=int(m.num_query_tokens))
@@ -236,10 +216,7 @@ def build_abstract(config) -> Setup:
   (`python -m blip2_jax.aot`)."""
   import jax
 
-  from blip2_jax.models import blip2
-  from blip2_jax.weights import io
-  task = config.task
-  _check_task(task)
+  task = tasks.get(config.task)
   cfg = blip2.Blip2Config.from_hf(_hf_shapes(config), architecture=config.model.architecture, **_runtime(config))
   _check_model(task, cfg)
   size = int(config.model.image_size)
@@ -251,7 +228,7 @@ def build_abstract(config) -> Setup:
 
   def init():
     tree = {"model": io.init_params(model, config.seed, **blip2.dummy_inputs(cfg))}
-    if task in STAGE1_TASKS:
+    if task.stage1:
       tree.update(_stage1_extras(model, config.seed))
     return tree
   source = f"preset {config.model.preset}" if config.model.get("preset") else "model.hf_config"

@@ -1,6 +1,6 @@
 """The train step: gradients of the trainable subtree only, AdamW, accumulation, sharded jit.
 
-    shardings = param_shardings(model, params, mesh)                 # from the modules' logical axes
+    shardings = tree_shardings(model, params, mesh)                  # from the modules' logical axes
     state = init_train_state(params, config.frozen, tx, frozen_dtype="bfloat16", shardings=shardings)
     step = jit_train_step(make_train_step(stage1_loss_fn(model, bos_token_id=dec), tx), mesh, state)
     state, metrics = step(state, global_batch, rng)
@@ -23,9 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from blip2_jax import sharding as shd
+from blip2_jax.checkpoints import io
+from blip2_jax.core import sharding as shd
+from blip2_jax.models import blip2, qformer
 from blip2_jax.train import losses, optim
 
 LossFn = Callable[[dict, dict, jax.Array], tuple[jax.Array, dict]]
@@ -66,23 +69,19 @@ def stage2_loss_fn(model, *, deterministic: bool = False) -> LossFn:
 # state
 
 
-def param_shardings(model, params: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
-  """NamedShardings for a training tree: the composite's from its modules' logical axis names
-  (dimensions the mesh does not divide are replicated), the Q-Former LM head's likewise, the
-  temperature replicated."""
-  from blip2_jax.models import blip2, qformer
-  from blip2_jax.weights import io
-  out = {"model": io.param_shardings(io.abstract_params(model, **blip2.dummy_inputs(model.config)), mesh, rules,
-                                     warn=False)}
-  if "qformer_lm_head" in params:
+def tree_shardings(model, tree: dict, mesh, rules=shd.DEFAULT_RULES) -> dict:
+  """NamedShardings of a training tree ({"model", ["qformer_lm_head", "temp"]}): `shd.param_shardings`
+  of its abstract parameters, so the composite and the Q-Former LM head shard by their modules'
+  logical axis names (dimensions the mesh does not divide replicated) and the temperature is
+  replicated."""
+  abstract = {"model": io.abstract_params(model, **blip2.dummy_inputs(model.config))}
+  if "qformer_lm_head" in tree:
     q = model.config.qformer
-    head = qformer.QFormerLMHead(q, "decoder" not in params["qformer_lm_head"])
-    out["qformer_lm_head"] = io.param_shardings(io.abstract_params(head, *qformer.init_args(q)[0]), mesh, rules,
-                                                warn=False)
-  for k in params:
-    if k not in out:
-      out[k] = jax.tree.map(lambda _: NamedSharding(mesh, P()), params[k])
-  return out
+    head = qformer.QFormerLMHead(q, "decoder" not in tree["qformer_lm_head"])
+    abstract["qformer_lm_head"] = io.abstract_params(head, *qformer.init_args(q)[0])
+  for k in tree:
+    abstract.setdefault(k, tree[k])  # unboxed leaves: replicated
+  return shd.param_shardings(abstract, mesh, rules, warn=False)
 
 
 def _cast_floats(tree, dtype):
@@ -93,7 +92,7 @@ def init_train_state(params: dict, frozen_patterns, tx: optax.GradientTransforma
                      frozen_dtype=None, shardings: dict | None = None) -> TrainState:
   """Partitions `params` by the frozen regexes, casts trainable leaves to float32 and frozen ones to
   `frozen_dtype` (if given), places them in `shardings` (a tree like `params`, from
-  `param_shardings`) and initialises the optimizer on the trainable leaves only (Adam's mu / nu
+  `tree_shardings`) and initialises the optimizer on the trainable leaves only (Adam's mu / nu
   sharded like their parameters, see `opt_state_shardings`).
 
   The state may share buffers with `params` (a cast or placement that changes nothing is a no-op),

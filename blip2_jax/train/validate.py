@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 
-from blip2_jax.cli.options import UsageError
+from blip2_jax.core.errors import UsageError
+from blip2_jax.models import layers
 
 # Integer fields and their smallest valid value.
 INT_MINIMUM = {"global_batch_size": 1, "accum_steps": 1, "total_steps": 0, "num_epochs": 0, "log_every": 1,
@@ -48,7 +49,6 @@ def check_values(c, *, overridden=(), prefix: str = "--set ", patch_size: int | 
       fail(key, f"expected one of {', '.join(DTYPES)}")
   remat = get(c, "model.remat")
   if remat is not _MISSING:
-    from blip2_jax.models import layers
     if remat not in layers.REMAT_POLICIES:
       fail("model.remat", f"expected one of {', '.join(layers.REMAT_POLICIES)}")
   patch = patch_size or _recipe_patch_size(c)

@@ -9,9 +9,10 @@ import PIL.Image
 import pytest
 
 from blip2_jax import data
+from blip2_jax.cli import convert as convert_cli
 from blip2_jax.data import convert as convert_mod
 from blip2_jax.data import pipeline, sources
-from blip2_jax.processing import ImageProcessor
+from blip2_jax.data.processing import ImageProcessor
 
 N_GOOD, SIZE, L = 10, 16, 8
 FAST = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
@@ -142,8 +143,7 @@ def test_train_batches_and_determinism(ann):
 
 
 def test_augment_off_gives_the_eval_transform():
-  from blip2_jax import processing
-  from blip2_jax.data import synthetic
+  from blip2_jax.data import processing, synthetic
   src = synthetic.ShapesSource(8, seed=3)
   b = next(iter(pipeline.make_train_loader(src, global_batch_size=4, image_size=32, seed=0, augment=False,
                                            shuffle=False)))
@@ -247,7 +247,7 @@ def test_eval_loader_pads_masks_and_covers_once(ann):
 def test_convert_round_trip(ann, tmp_path, capsys):
   path, root, recs = ann
   out = tmp_path / "shards" / "coco"
-  rc = convert_mod.main(["--annotations", str(path), "--images-dir", str(root), "--output", str(out),
+  rc = convert_cli.main(["--annotations", str(path), "--images-dir", str(root), "--output", str(out),
                          "--num-shards", "3", "--no-progress"])
   assert rc == 0
   err = capsys.readouterr().err

@@ -7,7 +7,7 @@ import PIL.Image
 import pytest
 
 from blip2_jax.data import transforms as T
-from blip2_jax.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from blip2_jax.data.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def lavis_pre_caption(caption, max_words=50):

@@ -15,7 +15,6 @@ import pytest
 
 from blip2_jax.evaluation import caption, evaluate_captions
 
-
 # --- hand-made example, BLEU arithmetic spelled out ---------------------------------------
 HYPS = ["the cat sat on the mat", "a dog runs in the park"]
 REFS = [["the cat is on the mat"], ["a dog runs in a park", "the dog is running in the park"]]

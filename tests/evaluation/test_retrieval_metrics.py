@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from blip2_jax.evaluation import coco_style_maps, retrieval_recall
-from blip2_jax.evaluation import retrieval
+from blip2_jax.evaluation import coco_style_maps, retrieval, retrieval_recall
 
 # 3 images x 6 texts, 2 captions per image: image i owns texts 2i, 2i+1. No ties.
 SIM = np.array([

@@ -7,8 +7,7 @@ import random
 
 import pytest
 
-from blip2_jax.evaluation import normalize_answer, vqa_accuracy
-from blip2_jax.evaluation import vqa
+from blip2_jax.evaluation import normalize_answer, vqa, vqa_accuracy
 
 
 def _answers(k, answer="2", other="3"):

@@ -10,7 +10,8 @@ For T5 we also checked against a float64 torch run: ours 1.3e-6 from it, torch f
 """
 import pytest
 
-from blip2_jax import parity, testing
+from blip2_jax.checkpoints import parity, tiny
+
 from bounds import BF16_REL, REL
 
 
@@ -31,8 +32,8 @@ def _check(rows, rel=REL):
     ("Blip2VisionModelWithProjection", None),
     ("Blip2TextModelWithProjection", None),
 ])
-def test_composite_matches_torch(tmp_path, arch, family):
-  d = testing.save_tiny(str(tmp_path), arch, family)
+def test_composite_matches_torch(tiny_checkpoint, arch, family):
+  d = tiny_checkpoint(arch, family)
   rows = parity.compare(d, batch=3)
   names = {r[0] for r in rows}
   if "ForConditionalGeneration" in arch or arch == "Blip2Model":
@@ -40,22 +41,22 @@ def test_composite_matches_torch(tmp_path, arch, family):
   _check(rows)
 
 
-def test_scanned_composite_matches_torch(tmp_path):
-  d = testing.save_tiny(str(tmp_path), "Blip2ForConditionalGeneration", "opt")
+def test_scanned_composite_matches_torch(tiny_checkpoint):
+  d = tiny_checkpoint()
   _check(parity.compare(d, scan=True))
 
 
-def test_bfloat16_composite(tmp_path):
+def test_bfloat16_composite(tiny_checkpoint):
   # Both sides in bf16 (HF keeps the Q-Former in fp32, as we do). Measured: vision 4.7e-2 (values
   # up to 4.0), qformer 2.1e-2, projection 7.8e-3, logits 3.1e-2 (up to 3.3): bf16 has 8 mantissa
   # bits, and torch and XLA round their bf16 matmuls differently.
-  d = testing.save_tiny(str(tmp_path), "Blip2ForConditionalGeneration", "opt")
+  d = tiny_checkpoint()
   _check(parity.compare(d, dtype="bfloat16"), rel=BF16_REL)
 
 
 @pytest.mark.parametrize("size", [42, 70])  # 1.5x and 2.5x the 28 px training size (224 -> 364 / 490 px analogues)
-def test_interpolated_resolution_matches_torch(tmp_path, size):
-  d = testing.save_tiny(str(tmp_path), "Blip2ForConditionalGeneration", "opt")
+def test_interpolated_resolution_matches_torch(tiny_checkpoint, size):
+  d = tiny_checkpoint()
   _check(parity.compare(d, image_size=size))
 
 
@@ -65,9 +66,9 @@ def test_every_parameter_has_logical_axes(family, scan):
   import flax.linen as nn
   import jax
 
+  from blip2_jax.checkpoints import io
   from blip2_jax.models import blip2
-  from blip2_jax.weights import io
-  cfg = blip2.Blip2Config.from_hf(testing.tiny_blip2_config(family), scan=scan,
+  cfg = blip2.Blip2Config.from_hf(tiny.tiny_blip2_config(family), scan=scan,
                                   architecture="Blip2ForConditionalGeneration")
   abstract = io.abstract_params(blip2.build(cfg), **blip2.dummy_inputs(cfg))
   leaves = jax.tree_util.tree_leaves_with_path(abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))

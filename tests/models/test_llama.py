@@ -9,9 +9,10 @@ import pytest
 import torch
 import transformers
 
+from blip2_jax.checkpoints import io
 from blip2_jax.models import layers as L
 from blip2_jax.models import llama
-from blip2_jax.weights import io
+
 from bounds import BF16_WEIGHTS_REL, assert_close
 
 VOCAB, T = 128, 11

@@ -11,10 +11,11 @@ import pytest
 import torch
 import transformers as T
 
+from blip2_jax.checkpoints import bert as bert_init
+from blip2_jax.checkpoints import io
 from blip2_jax.models import layers as L
 from blip2_jax.models import qformer as Q
-from blip2_jax.weights import bert as bert_init
-from blip2_jax.weights import io
+
 from bounds import BF16_REL, assert_close
 
 Q_LEN, T_LEN, E_LEN, ENC, HID = 5, 6, 7, 24, 36  # HID 36 / 4 heads: head dim 9 (odd)

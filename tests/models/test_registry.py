@@ -2,15 +2,15 @@
 layer factories and the shared cross-entropy. No model is run here; about 5 s."""
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import jax.numpy as jnp
-
-from blip2_jax import testing
-from blip2_jax.models import blip2, layers as L, llama, opt, qformer, registry, t5, vit
+from blip2_jax.checkpoints import tiny
+from blip2_jax.models import blip2, llama, opt, qformer, registry, t5, vit
+from blip2_jax.models import layers as L
 
 CONFIGS = [vit.VisionConfig, qformer.QFormerConfig, opt.OPTConfig, llama.LlamaConfig, t5.T5Config]
 
@@ -30,7 +30,7 @@ def test_runtime_fields_are_shared(cls):
 
 
 def test_from_hf_takes_runtime_and_round_trips():
-  hf = testing.tiny_text_config("opt")
+  hf = tiny.tiny_text_config("opt")
   c = opt.OPTConfig.from_hf(hf, dtype="bfloat16", scan=True)
   assert (c.dtype, c.scan, c.hidden_size) == ("bfloat16", True, 40)
   assert opt.OPTConfig.from_hf(c.to_hf(), **c.runtime) == c
@@ -86,12 +86,12 @@ def test_families():
   assert cache["k"].shape == (2, 3, 2, 7, 8) and cache["v"].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("arch", testing.ARCHS)
+@pytest.mark.parametrize("arch", tiny.ARCHS)
 def test_architectures(arch):
   """Every HF architecture builds its composite, and its capabilities are what the model does."""
   fam = None if arch in ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection",
                          "Blip2TextModelWithProjection") else "opt"
-  hf = testing.tiny_blip2_config(fam, instruct=arch.startswith("Instruct"))
+  hf = tiny.tiny_blip2_config(fam, instruct=arch.startswith("Instruct"))
   hf.architectures = [arch]
   cfg = blip2.Blip2Config.from_hf(hf)
   model = blip2.build(cfg)
@@ -106,11 +106,11 @@ def test_architectures(arch):
 
 
 def test_require_names_what_can():
-  hf = testing.tiny_blip2_config("opt")
+  hf = tiny.tiny_blip2_config("opt")
   model = blip2.build(blip2.Blip2Config.from_hf(hf))
   registry.require(model, registry.LM, "captioning")
-  with pytest.raises(TypeError, match="retrieval needs a Blip2ForImageTextRetrieval model; "
-                     "Blip2ForConditionalGeneration has no image-text matching"):
+  with pytest.raises(TypeError, match="retrieval needs a checkpoint with image-text matching \\(ITM\\): "
+                     "Blip2ForImageTextRetrieval; Blip2ForConditionalGeneration has none"):
     registry.require(model, registry.ITM, "retrieval")
   with pytest.raises(ValueError, match="unknown capability 'fly'"):
     registry.can(model, "fly")

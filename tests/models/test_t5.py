@@ -11,9 +11,10 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from blip2_jax.checkpoints import io, towers
 from blip2_jax.models import layers as L
 from blip2_jax.models import t5
-from blip2_jax.weights import io
+
 from bounds import BF16_REL, assert_close
 
 BASE = dict(vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -97,7 +98,7 @@ def maxdiff(a, b):
 def test_parity(case, tmp_path):
   hf_kwargs, distinct = CASES[case]
   hf = make_hf(tmp_path, hf_kwargs, distinct)
-  cfg = t5.config_for_checkpoint(str(tmp_path))
+  cfg = towers.text_config_from_dir(str(tmp_path))
   assert cfg.tie_word_embeddings == (not distinct)
   assert cfg.dense_act_fn == hf.config.dense_act_fn
   s, t = (14, 12) if case == "relu_tied_small_buckets" else (7, 5)
@@ -132,7 +133,7 @@ def test_default_tie_follows_scaling():
 def _flant5(tmp_path):
   hf_kwargs, distinct = CASES["flant5_gelu_odd_heads"]
   hf = make_hf(tmp_path, hf_kwargs, distinct)
-  return hf, t5.config_for_checkpoint(str(tmp_path))
+  return hf, towers.text_config_from_dir(str(tmp_path))
 
 
 def test_inputs_embeds_and_methods_in_wrapper(tmp_path):
@@ -156,7 +157,7 @@ def test_inputs_embeds_and_methods_in_wrapper(tmp_path):
   wrapper = Wrapper(cfg)
   abstract = io.abstract_params(wrapper, queries, ids, full_mask, dec, dmask)
   rules = t5.hf_rules(cfg)
-  from blip2_jax.weights.table import prefixed
+  from blip2_jax.core.naming import prefixed
   params = io.load_params(str(tmp_path), prefixed(rules, "language_model/", ""), abstract,
                           ignore=t5.hf_ignore(cfg))
   logits, enc, embeds = run(wrapper, params, queries, ids, full_mask, dec, dmask)
@@ -252,7 +253,7 @@ def test_config_round_trip():
 
 def test_strict_loading_errors(tmp_path):
   make_hf(tmp_path, *CASES["gated_gelu_derived_untied"])
-  cfg = t5.config_for_checkpoint(str(tmp_path))
+  cfg = towers.text_config_from_dir(str(tmp_path))
   ids, mask, dec, _ = inputs(cfg.vocab_size)
   f = os.path.join(tmp_path, "model.safetensors")
   sd = load_file(f)
@@ -285,7 +286,7 @@ def test_mt5_parity(tmp_path):
       if "layer_norm" in name:
         p.copy_(1.0 + 0.3 * torch.randn_like(p))
   hf.save_pretrained(tmp_path)
-  cfg = t5.T5Config.from_hf(hf_cfg, tie_word_embeddings=not t5.checkpoint_has_lm_head(str(tmp_path)))
+  cfg = t5.T5Config.from_hf(hf_cfg, tie_word_embeddings=not io.has_lm_head(str(tmp_path)))
   assert not cfg.scale_decoder_outputs
   ids, mask, dec, dmask = inputs(cfg.vocab_size)
   model, params = load(str(tmp_path), cfg, ids, mask, dec)

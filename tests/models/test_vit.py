@@ -15,10 +15,11 @@ import pytest
 import torch
 from flax import linen as nn
 
+from blip2_jax.checkpoints import io
 from blip2_jax.models import layers as L
 from blip2_jax.models import vit
 from blip2_jax.models.vit import VisionConfig, VisionModel, hf_rules
-from blip2_jax.weights import io
+
 from bounds import BF16_REL, assert_close
 
 TINY = dict(hidden_size=44, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

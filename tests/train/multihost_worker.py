@@ -28,14 +28,15 @@ if nproc > 1:
 
 import numpy as np  # noqa: E402
 
-from blip2_jax import sharding as shd  # noqa: E402
-from blip2_jax.train import batches, setup, step as S  # noqa: E402
+from blip2_jax.core import sharding as shd  # noqa: E402
+from blip2_jax.train import batches, setup  # noqa: E402
+from blip2_jax.train import step as S
 from configs import stage1  # noqa: E402
 
 
 def global_rows(c, st, n=8):
   from blip2_jax.data import synthetic
-  from blip2_jax.processing import ImageProcessor
+  from blip2_jax.data.processing import ImageProcessor
   src = synthetic.ShapesSource(n, seed=0)
   recs = [src[i] for i in range(n)]
   enc = st.qformer_tokenizer([r["caption"] for r in recs], padding="max_length", max_length=c.data.max_txt_len,
@@ -53,7 +54,7 @@ def run_step():
   # near-zero gradients into lr-sized differences and would hide what this test compares
   import optax
   tx = optax.sgd(0.1)
-  state = S.init_train_state(st.params, c.frozen, tx, shardings=S.param_shardings(st.model, st.params, mesh))
+  state = S.init_train_state(st.params, c.frozen, tx, shardings=S.tree_shardings(st.model, st.params, mesh))
   loss_fn = S.stage1_loss_fn(st.model, bos_token_id=st.qformer_tokenizer.bos_token_id, deterministic=True)
   step = S.jit_train_step(S.make_train_step(loss_fn, tx), mesh, state)
   full = global_rows(c, st)

@@ -21,14 +21,14 @@ import torch.nn.functional as F
 import transformers as T
 
 import blip2_jax
-import torch_ref
-from blip2_jax import testing
+from blip2_jax.checkpoints import io, tiny
 from blip2_jax.models import qformer as Q
 from blip2_jax.train import losses
-from blip2_jax.weights import io
+
+import torch_ref
 from bounds import assert_close, bound
 
-B, TXT, BOS, TEMP = 4, 7, 98, 0.07  # BOS = [DEC] of testing.tiny_tokenizer("bert")
+B, TXT, BOS, TEMP = 4, 7, 98, 0.07  # BOS = [DEC] of tiny.tiny_tokenizer("bert")
 
 
 def _j(t):
@@ -42,7 +42,7 @@ def _j(t):
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
   # 2 Q-Former layers (one with cross-attention) and 1 ViT layer keep the backward compile short
-  d = testing.save_tiny(str(tmp_path_factory.mktemp("ret")), "Blip2ForImageTextRetrieval",
+  d = tiny.save_tiny(str(tmp_path_factory.mktemp("ret")), "Blip2ForImageTextRetrieval",
                         qformer_overrides=dict(num_hidden_layers=2),
                         vision_overrides=dict(num_hidden_layers=1))
   hf = T.Blip2ForImageTextRetrieval.from_pretrained(d, attn_implementation="eager").eval()
@@ -52,7 +52,7 @@ def stage1(tmp_path_factory):
   torch.manual_seed(1)
   transform = T.models.bert.modeling_bert.BertPredictionHeadTransform(T.BertConfig(
       hidden_size=qc.hidden_size, hidden_act=qc.hidden_act, layer_norm_eps=qc.layer_norm_eps))
-  testing.perturb_(transform, seed=1)
+  tiny.perturb_(transform, seed=1)
   head_bias = torch.randn(qc.vocab_size) * 0.3
   sd = {f"transform.{k}": v.numpy() for k, v in transform.state_dict().items()}
   sd["bias"] = head_bias.numpy()
@@ -189,7 +189,7 @@ CAPTIONS = ["a cat sitting on the grass", "two dogs", "a red car next to a big t
 
 @pytest.mark.parametrize("family,prompt", [("opt", "a photo of"), ("llama", ""), ("t5", "")])
 def test_stage2_matches_hf(tmp_path, family, prompt):
-  d = testing.save_tiny(str(tmp_path), "Blip2ForConditionalGeneration", family)
+  d = tiny.save_tiny(str(tmp_path), "Blip2ForConditionalGeneration", family)
   hf = T.Blip2ForConditionalGeneration.from_pretrained(d, attn_implementation="eager").eval()
   tok = T.AutoTokenizer.from_pretrained(d)
   model, params = blip2_jax.from_pretrained(d)
@@ -221,7 +221,7 @@ def test_stage2_prompt_mask_matches_lavis(tmp_path):
   each caption; prompt_length counts the model's prompt tokenised alone) with a byte-level BPE
   tokenizer, where a trailing space is a token of its own. prompt_mask="lavis" is LAVIS with the
   prompt as given; "exact" is LAVIS with the prompt without the space (LAVIS's caption configs)."""
-  d = testing.save_tiny(str(tmp_path), "Blip2ForConditionalGeneration", "opt", tokenizer=False)
+  d = tiny.save_tiny(str(tmp_path), "Blip2ForConditionalGeneration", "opt", tokenizer=False)
   hf = T.Blip2ForConditionalGeneration.from_pretrained(d, attn_implementation="eager").eval()
   model, params = blip2_jax.from_pretrained(d)
   texts = ["a photo of " + c for c in CAPTIONS]  # as LAVIS's text processor gives them
@@ -250,7 +250,7 @@ def test_stage2_prompt_mask_matches_lavis(tmp_path):
 
 
 def test_build_stage2_batch(tmp_path):
-  opt_tok = testing.tiny_tokenizer("opt")
+  opt_tok = tiny.tiny_tokenizer("opt")
   seen = []
 
   class Recorder:  # records the strings LAVIS would tokenize
@@ -276,7 +276,7 @@ def test_build_stage2_batch(tmp_path):
   b = losses.build_stage2_batch(opt_tok, ["a cat"], "opt", max_len=2)
   assert b["labels"].tolist() == [[bos, opt_tok.convert_tokens_to_ids("a")]]
   # llama: EOS appended
-  ll = testing.tiny_tokenizer("llama")
+  ll = tiny.tiny_tokenizer("llama")
   b = losses.build_stage2_batch(ll, ["a cat"], "llama")
   assert b["input_ids"].tolist() == [[ll.bos_token_id] + ll.convert_tokens_to_ids(["a", "cat"]) + [ll.eos_token_id]]
   # t5 prefix-LM split at a word boundary
@@ -285,7 +285,7 @@ def test_build_stage2_batch(tmp_path):
   r = np.random.default_rng(0)
   ks = {len(losses.split_caption("a b c d e", None, r)[0].split()) for _ in range(200)}
   assert ks == {1, 2, 3, 4}
-  t5tok = testing.tiny_tokenizer("t5")
+  t5tok = tiny.tiny_tokenizer("t5")
   b = losses.build_stage2_batch(t5tok, ["a cat on the grass", "two dog"], "t5", prefix_ratio=0.4)
   dec = t5tok.batch_decode(np.where(b["labels"] < 0, 0, b["labels"]), skip_special_tokens=True)
   enc = t5tok.batch_decode(b["input_ids"], skip_special_tokens=True)

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from bounds import assert_close
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")

@@ -20,14 +20,16 @@ import optax
 import pytest
 
 import blip2_jax
-from blip2_jax import testing
+from blip2_jax.checkpoints import io, tiny
 from blip2_jax.models import qformer as Q
-from blip2_jax.train import optim, step as S
-from blip2_jax.weights import io
+from blip2_jax.train import optim
+from blip2_jax.train import step as S
+
 from bounds import assert_close
+from helpers import fresh
 
 FROZEN_VIT, FROZEN_LLM = r"model/vision_model/.*", r"model/language_model/.*"
-BOS = 98  # [DEC] of testing.tiny_tokenizer("bert")
+BOS = 98  # [DEC] of tiny.tiny_tokenizer("bert")
 SMALL = dict(vision_overrides=dict(num_hidden_layers=1), qformer_overrides=dict(num_hidden_layers=2))
 
 
@@ -68,21 +70,17 @@ def stage2_batch(n, seed=0, t=7):
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-  d = testing.save_tiny(str(tmp_path_factory.mktemp("ret")), "Blip2ForImageTextRetrieval", **SMALL)
+  d = tiny.save_tiny(str(tmp_path_factory.mktemp("ret")), "Blip2ForImageTextRetrieval", **SMALL)
   model, params = blip2_jax.from_pretrained(d)
   return model, stage1_tree(model, params)
 
 
 @pytest.fixture(scope="module")
 def stage2(tmp_path_factory):
-  d = testing.save_tiny(str(tmp_path_factory.mktemp("opt")), "Blip2ForConditionalGeneration", "opt",
+  d = tiny.save_tiny(str(tmp_path_factory.mktemp("opt")), "Blip2ForConditionalGeneration", "opt",
                         text_overrides=dict(num_hidden_layers=1), **SMALL)
   model, params = blip2_jax.from_pretrained(d)
   return model, {"model": params}
-
-
-def _copy(tree):
-  return jax.tree.map(jnp.array, tree)  # fresh buffers: the step may donate the state
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,7 +135,7 @@ def test_decay_mask(stage1, tmp_path):
   for k, v in flat.items():  # kernels and embedding tables decay; biases, norms, queries, temp do not
     assert bool(v) == _decayed_by_name(k), k
   # scanned stacks: a bias / norm scale is (layers, d), ndim 2, and must still not decay
-  d = testing.save_tiny(str(tmp_path / "opt"), "Blip2ForConditionalGeneration", "opt", tokenizer=False)
+  d = tiny.save_tiny(str(tmp_path / "opt"), "Blip2ForConditionalGeneration", "opt", tokenizer=False)
   _, p = blip2_jax.from_pretrained(d, scan=True)
   flat = io.flatten(optim.decay_mask({"model": p}))
   assert flat["model/language_model/model/decoder/layers/self_attn_layer_norm/scale"] is False
@@ -183,7 +181,7 @@ def test_lr_scales_multiply_matching_modules():
 def test_frozen_tower_untouched_and_optimizer_state_only_trainable(stage1):
   model, tree = stage1
   tx = optim.make_optimizer(lr=1e-3)
-  state = S.init_train_state(_copy(tree), [FROZEN_VIT], tx, frozen_dtype=jnp.bfloat16)
+  state = S.init_train_state(fresh(tree), [FROZEN_VIT], tx, frozen_dtype=jnp.bfloat16)
   vision = io.flatten(tree["model"]["vision_model"])
   frozen = io.flatten(state.frozen)
   assert set(frozen) == {f"model/vision_model/{k}" for k in vision}
@@ -278,7 +276,7 @@ def test_accumulation_equals_full_batch(stage2):
   assert tokens[:2].sum() != tokens[2:].sum()  # micro-batches of different token counts: weighting matters
   out = {}
   for k in (1, 2):
-    state = S.init_train_state(_copy(tree), [FROZEN_VIT, FROZEN_LLM], tx)
+    state = S.init_train_state(fresh(tree), [FROZEN_VIT, FROZEN_LLM], tx)
     state, m = jax.jit(S.make_train_step(loss_fn, tx, accum_steps=k))(state, batch, jax.random.PRNGKey(0))
     out[k] = (state, m)
   (s1, m1), (s2, m2) = out[1], out[2]
@@ -298,7 +296,7 @@ def test_lr_metric_follows_schedule(stage2):
   model, tree = stage2
   sched = optim.lr_schedule(1e-3, warmup_steps=2, total_steps=4, warmup_init=0.0)
   tx = optim.make_optimizer(lr=sched)
-  state = S.init_train_state(_copy(tree), [FROZEN_VIT, FROZEN_LLM], tx)
+  state = S.init_train_state(fresh(tree), [FROZEN_VIT, FROZEN_LLM], tx)
   step = jax.jit(S.make_train_step(S.stage2_loss_fn(model, deterministic=True), tx, schedule=sched))
   lrs = []
   for i in range(3):

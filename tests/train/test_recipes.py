@@ -94,8 +94,8 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
 
 
 def test_batch_that_does_not_split_over_the_mesh_is_refused(tmp_path):
-  from configs import stage1
   from blip2_jax.train import loop
+  from configs import stage1
   c = stage1.get_config("tiny")
   c.global_batch_size = 4  # 8 CPU devices in tests
   with pytest.raises(ValueError, match="global_batch_size 4 does not split evenly over the 8 data-parallel devices"):

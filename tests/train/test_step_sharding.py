@@ -11,19 +11,20 @@ The bounds are tests/bounds.py's float32 goal (1e-5 x the largest |reference|). 
 rematerialization" on some meshes (embedding gathers with fsdp-sharded tables); harmless here.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding
+from test_optim import BOS, FROZEN_LLM, FROZEN_VIT, stage1_batch, stage1_tree, stage2_batch  # noqa: E402
 
 import blip2_jax
-from blip2_jax import sharding as shd, testing
-from blip2_jax.train import optim, step as S
-from blip2_jax.weights import io
-from bounds import assert_close
+from blip2_jax.checkpoints import io, tiny
+from blip2_jax.core import sharding as shd
+from blip2_jax.train import optim
+from blip2_jax.train import step as S
 
-from test_optim import BOS, FROZEN_LLM, FROZEN_VIT, stage1_batch, stage1_tree, stage2_batch  # noqa: E402
+from bounds import assert_close
+from helpers import fresh
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 # 1 ViT layer, 1 Q-Former layer (with cross-attention), 1 OPT layer: short backward compiles
@@ -34,9 +35,9 @@ NEG_TEXT = np.array([1, 4, 0, 6, 2, 7, 3, 5], np.int32)
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
-  d1 = testing.save_tiny(str(tmp_path_factory.mktemp("ret")), "Blip2ForImageTextRetrieval", **TINY)
+  d1 = tiny.save_tiny(str(tmp_path_factory.mktemp("ret")), "Blip2ForImageTextRetrieval", **TINY)
   m1, p1 = blip2_jax.from_pretrained(d1)
-  d2 = testing.save_tiny(str(tmp_path_factory.mktemp("opt")), "Blip2ForConditionalGeneration", "opt",
+  d2 = tiny.save_tiny(str(tmp_path_factory.mktemp("opt")), "Blip2ForConditionalGeneration", "opt",
                          text_overrides=dict(num_hidden_layers=1), **TINY)
   m2, p2 = blip2_jax.from_pretrained(d2)
   return {
@@ -58,10 +59,6 @@ def _tx():
   return optim.make_optimizer(lr=1e-3, eps=1e-2)
 
 
-def _copy(tree):
-  return jax.tree.map(jnp.array, tree)  # fresh buffers: the sharded step donates its state
-
-
 _REF = {}
 
 
@@ -69,7 +66,7 @@ def _reference(case, name):
   """Two steps on one device, no mesh."""
   if name not in _REF:
     tx = _tx()
-    state = S.init_train_state(_copy(case["tree"]), case["frozen"], tx)
+    state = S.init_train_state(fresh(case["tree"]), case["frozen"], tx)
     step = jax.jit(S.make_train_step(case["loss_fn"], tx))
     losses = []
     for i, b in enumerate(case["batches"]):
@@ -86,8 +83,8 @@ def test_sharded_step_equals_single_device(cases, name, mesh_shape):
   ref_losses, ref_params = _reference(case, name)
   mesh = shd.make_mesh(mesh_shape)
   tx = _tx()
-  shardings = S.param_shardings(case["model"], case["tree"], mesh)
-  state = S.init_train_state(_copy(case["tree"]), case["frozen"], tx, shardings=shardings)
+  shardings = S.tree_shardings(case["model"], case["tree"], mesh)
+  state = S.init_train_state(fresh(case["tree"]), case["frozen"], tx, shardings=shardings)
 
   # placement: parameters by their logical axes, Adam's mu / nu exactly like the parameters
   train_sh = jax.tree.map(lambda x: x.sharding, state.trainable)

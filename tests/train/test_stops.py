@@ -10,7 +10,7 @@ import time
 import ml_collections
 import pytest
 
-from blip2_jax.train import __main__ as train_cli
+from blip2_jax.cli import train as train_cli
 from blip2_jax.train import run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -8,9 +8,11 @@ import os
 
 import pytest
 
-from blip2_jax import sharding
-from blip2_jax.train import __main__ as train_cli
+from blip2_jax.cli import train as train_cli
+from blip2_jax.core import sharding
 from blip2_jax.train import loop, validate
+
+from helpers import run_cli, usage_error
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 STAGE1 = os.path.join(CONFIGS, "stage1.py") + ":tiny"
@@ -25,18 +27,11 @@ def runs(monkeypatch):
 
 
 def _run(argv, capsys):
-  code = train_cli.main([str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return code, out, [ln for ln in err.splitlines() if ln.strip()]
+  return run_cli(train_cli.main, argv, capsys)
 
 
 def _usage_error(argv, capsys, *needles):
-  code, out, err = _run(argv, capsys)
-  assert code == 2, (code, out, err)
-  assert len(err) == 1 and err[0].startswith("error: "), err
-  for n in needles:
-    assert n in err[0], (n, err[0])
-  return err[0]
+  return usage_error(train_cli.main, argv, capsys, *needles)
 
 
 def test_recipe_by_absolute_path_from_another_directory(tmp_path, monkeypatch, runs, capsys):
@@ -81,11 +76,11 @@ def test_bad_config_file_creates_nothing(tmp_path, runs, capsys):
 def test_misspelled_override_creates_nothing(tmp_path, runs, capsys):
   work = tmp_path / "w"
   _usage_error(["--config", STAGE1, "--workdir", work, "--config.modl.dtype=float32"], capsys,
-               "--config.modl.dtype: the recipe has no field 'modl' (did you mean 'model'?)")
+               "--config.modl.dtype=float32: the config has no field 'modl' (did you mean 'model'?)")
   _usage_error(["--config", STAGE1, "--workdir", work, "--config.model.dtpe=float32"], capsys,
-               "--config.model.dtpe: the recipe has no field 'dtpe' (did you mean 'dtype'?)")
+               "--config.model.dtpe=float32: the config has no field 'model.dtpe' (did you mean 'model.dtype'?)")
   _usage_error(["--config", STAGE1, "--workdir", work, "--config.global_batch_size=many"], capsys,
-               "--config.global_batch_size=many: invalid literal for int()")
+               "--config.global_batch_size=many: expected an integer")
   assert os.listdir(tmp_path) == [] and runs == []
 
 

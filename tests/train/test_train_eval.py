@@ -11,7 +11,9 @@ import pytest
 
 from blip2_jax import evaluation, inference
 from blip2_jax.train import evaluate as ev
-from blip2_jax.train import optim, setup as setup_lib, step as step_lib
+from blip2_jax.train import optim
+from blip2_jax.train import setup as setup_lib
+from blip2_jax.train import step as step_lib
 
 EVAL = dict(num_records=6, batch_size=4, max_new_tokens=6, num_beams=1, k=3, num_examples=3)
 
@@ -117,11 +119,11 @@ def test_stage1_score_orientation(stage1, monkeypatch):
 def test_sharded_bf16_training_tree(stage1):
   """The loop's tree: frozen ViT in bfloat16, everything placed on a (2, 2, 2) mesh."""
   c, st, es = stage1
-  from blip2_jax import sharding as shd
+  from blip2_jax.core import sharding as shd
   mesh = shd.make_mesh((2, 2, 2))
   params = jax.tree.map(lambda x: x, st.params)  # init_train_state may reuse buffers
   state = step_lib.init_train_state(params, list(c.frozen), optax.adamw(1e-3), frozen_dtype="bfloat16",
-                                    shardings=step_lib.param_shardings(st.model, params, mesh))
+                                    shardings=step_lib.tree_shardings(st.model, params, mesh))
   tree = optim.merge(state.trainable, state.frozen)
   leaves = jax.tree.leaves(tree["model"]["vision_model"])
   assert {x.dtype for x in leaves} == {np.dtype("bfloat16")}

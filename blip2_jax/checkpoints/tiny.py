@@ -1,0 +1,158 @@
+"""Tiny random Hugging Face BLIP-2 checkpoints, built locally (no hub), for tests and demos.
+
+Needs torch and transformers (`pip install -e .[test]`).
+"""
+from __future__ import annotations
+
+import os
+
+FAMILIES = ("opt", "t5", "llama")
+ARCHS = ("Blip2ForConditionalGeneration", "Blip2Model", "Blip2ForImageTextRetrieval",
+         "Blip2VisionModelWithProjection", "Blip2TextModelWithProjection",
+         "InstructBlipForConditionalGeneration")
+
+VOCAB = 120  # LLM vocab; the last id is the <image> placeholder
+
+
+def tiny_text_config(family: str, **overrides):
+  import transformers
+  if family == "opt":
+    kw = dict(hidden_size=40, ffn_dim=72, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+              max_position_embeddings=64, word_embed_proj_dim=40, pad_token_id=1, bos_token_id=2,
+              eos_token_id=2, init_std=0.15)  # larger than 0.02 so logits are of order 1
+    kw.update(overrides)
+    return transformers.OPTConfig(**kw)
+  if family == "t5":
+    kw = dict(d_model=40, d_ff=72, d_kv=12, num_layers=2, num_heads=4, vocab_size=VOCAB,
+              feed_forward_proj="gated-gelu", dense_act_fn="gelu", tie_word_embeddings=True,
+              relative_attention_num_buckets=8, relative_attention_max_distance=20,
+              decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    kw.update(overrides)
+    return transformers.T5Config(**kw)
+  if family == "llama":
+    kw = dict(hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+              tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              initializer_range=0.15)
+    kw.update(overrides)
+    return transformers.LlamaConfig(**kw)
+  raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def tiny_blip2_config(family: str | None = "opt", *, instruct: bool = False, num_query_tokens: int = 4,
+                      image_size: int = 28, cross_attention_frequency: int = 2, text_overrides=None,
+                      vision_overrides=None, qformer_overrides=None):
+  """ViT with head dim 11 (odd, like ViT-g's 88), a 4-layer Q-Former, and a 2-layer LLM."""
+  import transformers
+  vision = dict(hidden_size=44, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                image_size=image_size, patch_size=14, qkv_bias=True, layer_norm_eps=1e-6)
+  vision.update(vision_overrides or {})
+  qf = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            encoder_hidden_size=vision["hidden_size"], vocab_size=99,
+            cross_attention_frequency=cross_attention_frequency, max_position_embeddings=64)
+  qf.update(qformer_overrides or {})
+  kw = dict(vision_config=vision, num_query_tokens=num_query_tokens)
+  text = tiny_text_config(family, **(text_overrides or {})) if family else None
+  if text is not None:
+    kw["text_config"] = text.to_dict()
+  if instruct:
+    kw["qformer_config"] = qf
+    cfg = transformers.InstructBlipConfig(**kw)
+  else:
+    kw["qformer_config"] = dict(qf, use_qformer_text_input=family is None)
+    cfg = transformers.Blip2Config(image_text_hidden_size=24, **kw)
+  if text is not None:
+    cfg.image_token_index = VOCAB - 1
+    if instruct:
+      cfg.image_token_id = VOCAB - 1
+  return cfg
+
+
+def perturb_(model, seed: int = 0, scale: float = 0.3):
+  """Moves every parameter off its init (norm weights 1, biases 0, zero query tokens) so a
+  parity test can fail when a norm, bias or scale is dropped."""
+  import torch
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for _, p in model.named_parameters():
+      # Relative to each tensor's spread, so weights keep their conditioning (T5's unscaled
+      # attention turns large absolute noise into float32 round-off of 1e-4); constant tensors
+      # (norm weights, biases, zero query tokens) get absolute noise.
+      spread = float(p.std()) if p.numel() > 1 else 0.0
+      std = scale * spread if spread > 1e-3 else scale
+      p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
+  return model
+
+
+def save_tiny(path: str, arch: str = "Blip2ForConditionalGeneration", family: str | None = "opt",
+              seed: int = 0, tokenizer: bool = True, **config_kw) -> str:
+  """Builds a tiny random HF model of class `arch`, saves it (and a word-level tokenizer for its
+  LLM, or a BERT-style one for retrieval models) to `path`, returns the path."""
+  import torch
+  import transformers
+  if arch in ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection", "Blip2TextModelWithProjection"):
+    family = None
+  cfg = tiny_blip2_config(family, instruct=arch.startswith("InstructBlip"), **config_kw)
+  torch.manual_seed(seed)
+  model = getattr(transformers, arch)(cfg).eval()
+  perturb_(model, seed)
+  os.makedirs(path, exist_ok=True)
+  model.save_pretrained(path)
+  if tokenizer:
+    tiny_tokenizer(family).save_pretrained(path)
+    if arch.startswith("InstructBlip"):  # InstructBlipProcessor's layout
+      tiny_tokenizer("bert").save_pretrained(os.path.join(path, "qformer_tokenizer"))
+  return path
+
+
+WORDS = ("a photo of the an in on with and is are cat dog bird car tree red blue green yellow "
+         "black white small big two three one four man woman person sitting standing next to "
+         "table grass street sky water field picture image question answer short what how many "
+         "color there this that at near under over front behind left right top bottom circle "
+         "square triangle shape round large tiny old young playing running eating holding looking "
+         "orange purple brown pink gray house road boat train plane horse cow sheep circles squares "
+         "triangles").split()
+
+
+def _word_tokenizer(vocab_size: int, specials: dict, template: str | None, **tok_kw):
+  """A word-level fast tokenizer over WORDS (+ filler words) with `specials` at fixed ids."""
+  import transformers
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  vocab = dict(specials)
+  words = iter(list(WORDS) + [f"w{i}" for i in range(vocab_size)])
+  for i in range(vocab_size):
+    if i not in vocab.values():
+      w = next(words)
+      while w in vocab:
+        w = next(words)
+      vocab[w] = i
+  unk = tok_kw.get("unk_token", next(iter(specials)))
+  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  if template:
+    special_ids = [(t, vocab[t]) for t in specials if t in template]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=special_ids)
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **tok_kw)
+
+
+def tiny_tokenizer(family: str | None):
+  """Word-level tokenizers with the special-token layout of each family (ids as the tiny configs):
+  OPT (pad 1, bos = eos 2, BOS prepended), LLaMA (pad 0, bos 1, eos 2, BOS prepended), T5 (pad 0,
+  eos 1 appended), and a BERT-style one for the Q-Former ([PAD] 0 ... [CLS] text [SEP])."""
+  if family == "opt":
+    return _word_tokenizer(VOCAB, {"<pad>": 1, "</s>": 2, "<unk>": 3, "<image>": VOCAB - 1}, "</s> $A",
+                           pad_token="<pad>", bos_token="</s>", eos_token="</s>", unk_token="<unk>")
+  if family == "llama":
+    return _word_tokenizer(VOCAB, {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": VOCAB - 1},
+                           "<s> $A", pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+  if family == "t5":
+    return _word_tokenizer(VOCAB, {"<pad>": 0, "</s>": 1, "<unk>": 2, "<image>": VOCAB - 1}, "$A </s>",
+                           pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+  if family is None or family == "bert":
+    return _word_tokenizer(99, {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "[DEC]": 98},
+                           "[CLS] $A [SEP]", pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                           sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]")
+  raise ValueError(f"unknown family {family!r}")
+
+
+# Questions / instructions over the generated scenes (blip2_jax.data.synthetic) for fine-tuning demos.

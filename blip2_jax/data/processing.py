@@ -1,0 +1,302 @@
+"""Image and text preprocessing for BLIP-2 / InstructBLIP inference, equal to Hugging Face's.
+
+Images: `ImageProcessor` is the numpy / PIL twin of transformers 5's `BlipImageProcessorPil` (the
+backend `AutoImageProcessor` and `BlipImageProcessor` fall back to when torchvision is not
+installed): convert to RGB (alpha composited onto white), PIL bicubic resize to the model's square
+size, rescale by 1/255 (in float64, then float32), normalise with the OpenAI CLIP mean / std in
+float32. It returns NHWC float32 numpy arrays (our models take NHWC); HF returns the same numbers in
+NCHW. `tests/data/test_processing.py` checks they are bit-equal on real photographs.
+
+    proc = ImageProcessor.from_pretrained("blip2-opt-2.7b")   # preprocessor_config.json or config.json
+    pixel_values = proc([load_image("cat.jpg"), load_image("dog.png")])   # (2, 224, 224, 3) float32
+
+Text: `load_tokenizer(dir)` (transformers `AutoTokenizer` from the checkpoint directory, never the
+hub), the prompts of the paper / LAVIS (`CAPTION_PROMPT`, `vqa_prompt`), and `tokenize_prompts`,
+which pads on the left for the decoder-only LLMs (OPT, LLaMA: generation continues from the last
+position of every row) and on the right for T5 (the encoder is bidirectional and masked).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from blip2_jax.core import hub
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, HF's PILImageResampling.BICUBIC
+
+FAMILIES = ("opt", "t5", "llama")
+DECODER_ONLY = ("opt", "llama")
+
+CAPTION_PROMPT = "a photo of"
+VQA_TEMPLATES = {"opt": "Question: {} Answer:", "llama": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
+
+
+class ImageLoadError(ValueError):
+  """An image file is missing, unreadable or not an image; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------
+# images
+# ----------------------------------------------------------------------------------------
+def _pil():
+  try:
+    import PIL.Image
+    import PIL.ImageOps
+  except ImportError as e:  # pragma: no cover - pillow is a runtime requirement
+    raise ImportError("image preprocessing needs Pillow: pip install pillow") from e
+  return PIL
+
+
+def load_image(path: str | os.PathLike):
+  """Opens an image file as an RGB `PIL.Image`, as `transformers.image_utils.load_image` does.
+
+  HF (v5) opens the file, applies the EXIF orientation (`ImageOps.exif_transpose`) and converts
+  to RGB with `Image.convert("RGB")`: for RGBA / LA / palette-with-transparency files that DROPS
+  the alpha channel (the colour under transparent pixels is kept), unlike the image processor,
+  which composites alpha onto white when it is given the un-converted image. We do the same.
+  The file is decoded fully here, so a truncated or corrupt file fails now, naming the file;
+  URLs and base64 strings (which HF also accepts) are not supported: pass a local path.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise ImageLoadError(f"image file not found: {path}")
+  if not os.path.isfile(path):
+    raise ImageLoadError(f"not a file: {path}")
+  return decode(path, path)
+
+
+def decode(src, label: str):
+  """Opens `src` (a path or a binary file object) fully as an RGB `PIL.Image` (EXIF orientation
+  applied); any decoding failure becomes an ImageLoadError naming `label`."""
+  PIL = _pil()
+  try:
+    with PIL.Image.open(src) as im:
+      im.load()  # decode now: truncated / corrupt data raises here, not later in resize
+      im = PIL.ImageOps.exif_transpose(im)
+      return im.convert("RGB")
+  except PIL.UnidentifiedImageError as e:
+    raise ImageLoadError(f"{label} is not an image file Pillow can identify ({e})") from e
+  except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
+    raise ImageLoadError(f"cannot read image {label}: {type(e).__name__}: {e}") from e
+
+
+def _to_rgb_uint8(image) -> np.ndarray:
+  """HF `convert_to_rgb(image, return_numpy=True)`: (H, W, 3) uint8, alpha composited onto white."""
+  PIL = _pil()
+  if isinstance(image, (str, os.PathLike)):
+    image = load_image(image)
+  if isinstance(image, PIL.Image.Image):
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+      image = image.convert("RGBA")
+      white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+      image = PIL.Image.alpha_composite(white, image)
+    return np.asarray(image.convert("RGB"))
+  a = np.asarray(image)
+  if a.dtype != np.uint8:
+    raise TypeError(f"array images must be uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {a.dtype}")
+  if a.ndim == 2:
+    a = a[..., None]
+  if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"array images must be channels-last (H, W, C) with C in 1, 3, 4; got shape {a.shape}")
+  if a.shape[-1] == 1:
+    return np.repeat(a, 3, axis=-1)
+  if a.shape[-1] == 4:  # HF's numpy branch: blend in float64 onto 255, round
+    alpha = a[..., 3:4] / 255
+    return np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+  return a
+
+
+class ImageProcessor:
+  """numpy / PIL equal of HF `BlipImageProcessor(Pil)`: RGB, bicubic resize, 1/255, CLIP mean / std.
+
+  Call it on one image or a list (PIL images, paths, or uint8 (H, W[, C]) arrays); returns float32
+  (B, H, W, 3).
+  """
+
+  def __init__(self, size: int | tuple[int, int] = 224, *, image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+               image_std: Sequence[float] = OPENAI_CLIP_STD, resample: int = PIL_BICUBIC,
+               rescale_factor: float = 1 / 255, do_resize: bool = True, do_rescale: bool = True,
+               do_normalize: bool = True, do_convert_rgb: bool = True):
+    self.size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    self.image_mean = tuple(float(m) for m in image_mean)
+    self.image_std = tuple(float(s) for s in image_std)
+    self.resample = int(resample)
+    self.rescale_factor = float(rescale_factor)
+    self.do_resize, self.do_rescale, self.do_normalize = do_resize, do_rescale, do_normalize
+    self.do_convert_rgb = do_convert_rgb
+
+  def __repr__(self):
+    return (f"ImageProcessor(size={self.size}, resample={self.resample}, mean={self.image_mean}, "
+            f"std={self.image_std})")
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None) -> "ImageProcessor":
+    """From `preprocessor_config.json` (HF layout) when the directory has one, else from
+    `config.json`: the vision tower's `image_size` (224 when absent) with the BLIP-2 defaults.
+    `path` may be a Hugging Face Hub id (blip2_jax.core.hub)."""
+    path = hub.resolve(path, revision=revision)
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{path} is not a directory (expected a BLIP-2 checkpoint directory)")
+    pp = os.path.join(path, "preprocessor_config.json")
+    if os.path.isfile(pp):
+      with open(pp) as f:
+        cfg = json.load(f)
+      cfg = cfg.get("image_processor", cfg)  # processor_config.json-style nesting
+      return cls.from_dict(cfg, source=pp)
+    cj = os.path.join(path, "config.json")
+    if not os.path.isfile(cj):
+      raise FileNotFoundError(f"{path} has neither preprocessor_config.json nor config.json")
+    with open(cj) as f:
+      cfg = json.load(f)
+    return cls(size=int((cfg.get("vision_config") or {}).get("image_size", 224)))
+
+  @classmethod
+  def from_dict(cls, cfg: dict, source: str = "config") -> "ImageProcessor":
+    size = cfg.get("size", 384)  # BlipImageProcessor's class default
+    if isinstance(size, dict):
+      if "height" in size and "width" in size:
+        size = (size["height"], size["width"])
+      else:
+        raise ValueError(f"{source}: size {size} is not supported (BLIP resizes to height x width)")
+    elif isinstance(size, (list, tuple)):
+      size = tuple(size)
+    kw = {k: cfg[k] for k in ("image_mean", "image_std", "resample", "rescale_factor", "do_resize",
+                              "do_rescale", "do_normalize", "do_convert_rgb") if cfg.get(k) is not None}
+    if cfg.get("do_center_crop") or cfg.get("do_pad"):
+      raise ValueError(f"{source}: do_center_crop / do_pad are not part of the BLIP processor")
+    return cls(size=size, **kw)
+
+  def to_dict(self) -> dict:
+    """The HF `preprocessor_config.json` fields (loads with `AutoImageProcessor`)."""
+    return dict(image_processor_type="BlipImageProcessor", processor_class="Blip2Processor",
+                size={"height": self.size[0], "width": self.size[1]}, resample=self.resample,
+                image_mean=list(self.image_mean), image_std=list(self.image_std),
+                rescale_factor=self.rescale_factor, do_resize=self.do_resize, do_rescale=self.do_rescale,
+                do_normalize=self.do_normalize, do_convert_rgb=self.do_convert_rgb)
+
+  def preprocess_one(self, image) -> np.ndarray:
+    """One image -> (H, W, 3) float32."""
+    PIL = _pil()
+    if self.do_convert_rgb:
+      a = _to_rgb_uint8(image)
+    else:
+      a = np.asarray(load_image(image) if isinstance(image, (str, os.PathLike)) else image)
+    if self.do_resize:
+      h, w = self.size
+      im = PIL.Image.fromarray(a)
+      a = np.asarray(im.resize((w, h), resample=self.resample))
+      if a.ndim == 2:
+        a = a[..., None]
+    x = a
+    if self.do_rescale:  # HF: upcast to float64, multiply, then float32
+      x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+    if self.do_normalize:  # HF: in the image dtype (float32), mean / std as float32 arrays
+      x = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)
+      x = (x - np.asarray(self.image_mean, x.dtype)) / np.asarray(self.image_std, x.dtype)
+    return np.asarray(x, np.float32)
+
+  def __call__(self, images) -> np.ndarray:
+    single = not isinstance(images, (list, tuple))
+    images = [images] if single else list(images)
+    if not images:
+      raise ValueError("no images given")
+    return np.stack([self.preprocess_one(im) for im in images])
+
+
+# ----------------------------------------------------------------------------------------
+# text
+# ----------------------------------------------------------------------------------------
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                    "vocab.txt", "merges.txt", "sentencepiece.bpe.model")
+
+
+def load_tokenizer(path: str | os.PathLike, *, revision: str | None = None, **kwargs):
+  """The LLM tokenizer saved in a checkpoint directory (`AutoTokenizer.from_pretrained(path)`, local only;
+  a Hugging Face Hub id is resolved to its cached snapshot first, see blip2_jax.core.hub).
+
+  Raises FileNotFoundError naming the directory when it holds no tokenizer files.
+  """
+  path = hub.resolve(path, revision=revision)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"tokenizer directory not found: {path}")
+  present = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(path, f))]
+  if not present:
+    raise FileNotFoundError(
+        f"{path} holds no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)}); save the tokenizer "
+        "with the checkpoint (tokenizer.save_pretrained(dir)) or pass the directory that has it")
+  from transformers import AutoTokenizer
+  kwargs.setdefault("local_files_only", True)
+  return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def _check_family(family: str) -> str:
+  f = family.lower()
+  if f not in FAMILIES:
+    raise ValueError(f"unknown LLM family {family!r}; choose from {FAMILIES}")
+  return f
+
+
+def family_of(config: dict | str | os.PathLike) -> str:
+  """'opt' / 't5' / 'llama' from a BLIP-2 config dict or checkpoint directory (text_config.model_type)."""
+  if not isinstance(config, dict):
+    with open(os.path.join(os.fspath(config), "config.json")) as f:
+      config = json.load(f)
+  mt = (config.get("text_config") or {}).get("model_type")
+  fam = {"opt": "opt", "t5": "t5", "mt5": "t5", "llama": "llama"}.get(mt)
+  if fam is None:
+    raise ValueError(f"config has text_config.model_type {mt!r}; expected opt, t5 or llama")
+  return fam
+
+
+def vqa_prompt(question: str, family: str) -> str:
+  """'Question: {q} Answer:' (OPT, LLaMA) or 'Question: {q} Short answer:' (FlanT5), as BLIP-2 zero-shot VQA."""
+  return VQA_TEMPLATES[_check_family(family)].format(question.strip())
+
+
+def padding_side(family: str) -> str:
+  """'left' for decoder-only LLMs (OPT, LLaMA), 'right' for T5."""
+  return "left" if _check_family(family) in DECODER_ONLY else "right"
+
+
+def tokenize_prompts(tokenizer, prompts: str | Iterable[str], family: str, *, max_length: int | None = None,
+                     pad_to: int | None = None, dtype=np.int32) -> dict[str, np.ndarray]:
+  """Tokenises a batch of prompts with the tokenizer's special tokens (OPT / LLaMA BOS, T5 EOS) and
+  pads them: on the LEFT for OPT / LLaMA, on the RIGHT for T5.
+
+  Returns {"input_ids", "attention_mask"}: numpy (B, T) `dtype`, T the longest row (or `pad_to`,
+  which must be at least that). `max_length` truncates each row to that many tokens: from the left
+  for decoder-only models (keeping the end of the prompt, where generation continues), from the
+  right for T5. The pad id is the tokenizer's pad token (else its EOS, else 0); padded positions
+  have mask 0, so their id never matters. The tokenizer itself is not modified.
+  """
+  fam = _check_family(family)
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  if not prompts:
+    raise ValueError("no prompts given")
+  rows = tokenizer(prompts, add_special_tokens=True, padding=False, truncation=False)["input_ids"]
+  left = fam in DECODER_ONLY
+  if max_length is not None:
+    rows = [r[-max_length:] if left else r[:max_length] for r in rows]
+  t = max(len(r) for r in rows)
+  if pad_to is not None:
+    if pad_to < t:
+      raise ValueError(f"pad_to={pad_to} is shorter than the longest prompt ({t} tokens)")
+    t = pad_to
+  pad = tokenizer.pad_token_id
+  if pad is None:
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+  ids = np.full((len(rows), t), pad, dtype)
+  mask = np.zeros((len(rows), t), dtype)
+  for i, r in enumerate(rows):
+    if not r:
+      continue
+    if left:
+      ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    else:
+      ids[i, :len(r)], mask[i, :len(r)] = r, 1
+  return {"input_ids": ids, "attention_mask": mask}
