@@ -13,7 +13,8 @@ ours / HF, and, for float32 greedy, whether the two outputs agree token for toke
 
 --size small: a scaled-down config for CPUs (ViT 6 x 256, Q-Former 4 x 256, OPT 6 x 512 or
 T5 4+4 x 512, real vocabularies). --size real: ViT-g/14 at 224 px (39 x 1408) + BERT-base Q-Former
-+ OPT-2.7B (32 x 2560, vocab 50304) or FlanT5-XL (24+24 x 2048, vocab 32128): for a GPU.
++ OPT-2.7B (32 x 2560, vocab 50304) or FlanT5-XL (24+24 x 2048, vocab 32128): for a GPU, where the
+random model is built on the GPU and saved in --dtype. `--json PATH` writes the rows.
 """
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ def main():
   ap.add_argument("--scan", action="store_true", help="load ours with scanned layers")
   ap.add_argument("--skip-hf", action="store_true", help="time ours only")
   ap.add_argument("--markdown", action="store_true")
+  ap.add_argument("--json", default=None, help="also write the rows as JSON here")
   args = ap.parse_args()
 
   import jax
@@ -121,7 +123,8 @@ def main():
   cfg = blip2_config(args.size, args.family)
   torch.manual_seed(0)
   t0 = time.perf_counter()
-  hf = transformers.Blip2ForConditionalGeneration(cfg).eval()
+  with torch.device(tdev if args.size == "real" else "cpu"):
+    hf = transformers.Blip2ForConditionalGeneration(cfg).eval().to(tdtype)
   n_params = sum(p.numel() for p in hf.parameters())
   tmp = tempfile.TemporaryDirectory()
   hf.save_pretrained(tmp.name)
@@ -193,6 +196,12 @@ def main():
         if f"same_{impl}" in row:
           msg += f" tokens equal: {row[f'same_{impl}']} ({row[f'agree_{impl}'] * 100:.0f}%)"
       print(msg + f" | load average {common.loadavg()}", flush=True)
+      if args.json:
+        import json
+        with open(args.json, "w") as f:
+          json.dump(dict(size=args.size, family=args.family, dtype=args.dtype, new_tokens=n, device=jdev.device_kind,
+                         platform=jdev.platform, torch_device=tdev, attn=list(hf_models), rows=rows), f, indent=1,
+                    default=float)
 
   if args.markdown:
     impls = list(hf_models)

@@ -35,6 +35,12 @@ vocabularies (CPU). real: ViT-g/14 + BERT-base Q-Former + OPT-2.7B / FlanT5-XL, 
 opt6.7b: ViT-g + OPT-6.7B. `--memory-only`: no run, no PyTorch: the state's bytes from
 `jax.eval_shape` and the compiled step's `memory_analysis()` (peak = arguments + outputs + temps -
 aliased), works on a CPU for any size.
+Estimate beside the measurement: each batch's step is compiled once (`lower().compile()`) and that
+executable is timed; where the device's chip has published figures (`blip2_jax.core.hardware`,
+`--chip` to name them) the roofline of the same compiled program (`aot.op_roofline`: per op the
+slower of its matmuls at peak and its HBM bytes at bandwidth) is printed next to the measured step.
+`--json PATH` writes every row (benchmarks/gpu_suite.sh builds its table from them). At bf16 the
+random model is saved with its frozen towers in bf16 (half the bytes to write and read).
 """
 from __future__ import annotations
 
@@ -127,9 +133,9 @@ def flops_of(step, mesh, state, batch, key) -> float | None:
   import jax
 
   from blip2_jax.core import sharding as shd
-  from blip2_jax.train import loop
+  from blip2_jax.train import reporting
   with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
-    return loop.step_flops(step.jitted, state, batch, key)
+    return reporting.step_flops(step.jitted, state, batch, key)
 
 
 # ----------------------------------------------------------------------------------------
@@ -355,6 +361,9 @@ def main():
   ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPUs)")
   ap.add_argument("--skip-torch", action="store_true")
   ap.add_argument("--memory-only", action="store_true", help="eval_shape + compiled memory analysis, no run")
+  ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+  ap.add_argument("--chip", default=None, help="published figures for the roofline estimate (h100, h200, ...); "
+                  "default: from the device kind")
   ap.add_argument("--data", action="store_true",
                   help="also time the host pipeline (data.pipeline.make_train_loader over synthetic ShapesSource, "
                        "stage 1) and report its share of the step")
@@ -369,7 +378,7 @@ def main():
   import torch
 
   from blip2_jax.core import sharding as shd
-  from blip2_jax.train import loop
+  from blip2_jax.train import loop, reporting
   threads = common.set_torch_threads(args.threads)
   print(common.machine_line(threads), flush=True)
   cfg = common.blip2_config(args.size, None if args.stage == 1 else args.family, N_QUERY)
@@ -384,6 +393,10 @@ def main():
   tmp = tempfile.TemporaryDirectory()
   with torch.device("cuda" if (real and torch.cuda.is_available()) else "cpu"):
     hf = getattr(transformers, arch)(cfg)
+  if args.dtype == "bfloat16":  # both sides store the frozen towers in bf16: save them so
+    for tower in ("vision_model", "language_model"):
+      if hasattr(hf, tower):
+        getattr(hf, tower).to(torch.bfloat16)
   hf.save_pretrained(tmp.name)
   del hf
   transform, head_bias = torch_head(cfg)
@@ -394,23 +407,30 @@ def main():
   print(f"stage {args.stage} {args.size} {'' if args.stage == 1 else args.family} {args.dtype}: "
         f"{n_train / 1e6:.1f}M trainable + {n_frozen / 1e6:.1f}M frozen parameters; built and loaded in "
         f"{time.perf_counter() - t0:.1f}s", flush=True)
-  peak = loop.peak_flops(_NoConfig())
+  peak = reporting.peak_flops(_NoConfig(peak_tflops=hardware_peak(args.chip)))
   rows = []
   for b in args.batch:
+    if torch.cuda.is_available():
+      torch.cuda.reset_peak_memory_stats()  # JAX's peak has no reset: give batch sizes in ascending order
     batch = make_batch(args.stage, args.family, b, args.text_len, cfg.vision_config.image_size)
     gbatch = loop.global_batch(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
     key = jax.random.PRNGKey(0)
     flops = flops_of(step, mesh, state, gbatch, key)
     t0 = time.perf_counter()
-    state, m = step(state, gbatch, key)
+    with jax.set_mesh(mesh):
+      compiled = step.jitted.lower(state, gbatch, key).compile()
+    compile_s = time.perf_counter() - t0
+    estimate = roofline_estimate(compiled, flops, args.chip)
+    t0 = time.perf_counter()
+    state, m = compiled(state, gbatch, key)
     ours_loss = float(m["loss"])
     first = time.perf_counter() - t0
-    row = dict(batch=b, first=first, flops=flops)
+    row = dict(batch=b, first=first, compile_s=compile_s, flops=flops, estimate=estimate)
     runs = {}
 
     def ours():
       nonlocal state
-      state, m = step(state, gbatch, key)
+      state, m = compiled(state, gbatch, key)
       return m
     runs["ours"] = ours
     sync = {"ours": lambda out: jax.block_until_ready(out), "torch": lambda out: common.torch_sync()}
@@ -435,7 +455,9 @@ def main():
     if flops:
       msg += f", {flops / 1e9:.1f} GFLOP/step, {row['ours_tflops']:.3f} TFLOP/s"
       if peak:
-        msg += f", MFU {row['ours_tflops'] * 1e12 / peak * 100:.1f}%"
+        row["mfu"] = row["ours_tflops"] * 1e12 / peak
+        row["torch_mfu"] = row["torch_tflops"] * 1e12 / peak if "torch_tflops" in row else None
+        msg += f", MFU {row['mfu'] * 100:.1f}%"
     if "torch" in row:
       msg += (f" | torch{' compiled' if args.compile else ''} {row['torch']:.2f} images/s (median "
               f"{row['torch_s']:.3f}s of {common.fmt_times(row['torch_all'])})")
@@ -444,13 +466,48 @@ def main():
       msg += f" | ratio ours/torch {row['ours'] / row['torch']:.2f}"
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
+      row["ours_peak"] = stats["peak_bytes_in_use"]
       msg += f" | peak memory ours {stats['peak_bytes_in_use'] / 2**30:.1f} GiB"
     if torch.cuda.is_available():
+      row["torch_peak"] = torch.cuda.max_memory_allocated()
       msg += f", torch {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    if estimate:
+      msg += (f" | roofline estimate of this compiled step on {estimate['chip']}: {estimate['step_s'] * 1e3:.1f} ms "
+              f"(measured {row['ours_s'] * 1e3:.1f} ms, estimate / measured {estimate['step_s'] / row['ours_s']:.2f})")
     print(msg + f" | load average {common.loadavg()}", flush=True)
     if args.data:
       data_share(args, b, cfg, row["ours_s"])
+    if args.json:
+      write_json(args, rows, n_train, n_frozen)
   tmp.cleanup()
+
+
+def write_json(args, rows, n_train, n_frozen):
+  import json
+
+  import jax
+  d = jax.devices()[0]
+  meta = dict(stage=args.stage, family=None if args.stage == 1 else args.family, size=args.size, dtype=args.dtype,
+              remat=args.remat, scan=args.scan, text_len=args.text_len, device=d.device_kind, platform=d.platform,
+              devices=jax.device_count(), trainable=n_train, frozen=n_frozen, compile_torch=args.compile)
+  with open(args.json, "w") as f:
+    json.dump(dict(meta, rows=rows), f, indent=1, default=float)
+
+
+def roofline_estimate(compiled, flops, chip=None) -> dict | None:
+  """The per-op roofline of a compiled step on this device's chip (None without published figures)."""
+  import jax
+
+  from blip2_jax.core import hardware
+  from blip2_jax.train import aot
+  key = chip or hardware.chip_for_kind(jax.devices()[0].device_kind)
+  if key not in hardware.CHIPS or not flops:
+    return None
+  c = hardware.CHIPS[key]
+  ops, _ = aot.op_roofline(compiled.as_text(), c, flops / jax.device_count())
+  return dict(chip=c.name, peak_flops=c.bf16_flops, step_s=ops["op_s"], hbm_bytes=ops["hbm_bytes"],
+              hlo_flops=ops["hlo_flops"], memory_s=ops["hbm_bytes"] / c.hbm_bw, compute_s=flops / jax.device_count()
+              / c.bf16_flops)
 
 
 def data_share(args, b: int, cfg, step_s: float):
@@ -480,7 +537,16 @@ def data_share(args, b: int, cfg, step_s: float):
 
 
 class _NoConfig(dict):
-  """loop.peak_flops reads config.get("peak_tflops"); none here."""
+  """reporting.peak_flops reads config.get("peak_tflops") (and config.peak_tflops when it is set)."""
+
+  def __getattr__(self, name):
+    return self[name]
+
+
+def hardware_peak(chip: str | None) -> float | None:
+  """--chip's peak in TFLOP/s (None: reporting.peak_flops reads the device kind)."""
+  from blip2_jax.core import hardware
+  return hardware.CHIPS[chip].bf16_flops / 1e12 if chip in hardware.CHIPS else None
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """python -m blip2_jax.aot --config configs/<recipe>.py[:args] --topology v5p-128 [--mesh D,F,T]
        [--global-batch N] [--json out.json] [--hlo out.hlo] [--config.x.y=value ...]
+python -m blip2_jax.aot --config ... --topology gpu [--chip h100] [--run 3]   # this host's GPU(s)
 
 Compiles the recipe's train step for a TPU slice on this host (needs `pip install libtpu`; no TPU,
-no weights, no data) and prints memory per device against the chip's HBM, FLOPs, collectives,
-replicated arrays and a roofline step time / MFU / days. Exit status: 0 it fits, 1 it does not fit
-in HBM (one line with the numbers) or compiling failed, 2 bad input (one line naming it); --debug
-shows tracebacks and libtpu's / XLA's own log.
+no weights, no data), or with `--topology gpu` / `local` for the devices attached here, and prints
+memory per device against the chip's HBM, FLOPs, collectives, HBM traffic, replicated arrays and a
+roofline step time / MFU / days; `--run N` also times N steps on random weights and data there.
+Exit status: 0 it fits, 1 it does not fit in HBM (one line with the numbers) or compiling failed,
+2 bad input (one line naming it); --debug shows tracebacks and libtpu's / XLA's own log.
 """
 from __future__ import annotations
 
@@ -14,8 +16,24 @@ import os
 import re
 import sys
 
-# This host has no TPU: JAX's own backend stays the CPU; libtpu serves as a compiler only.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+def _local_requested(argv) -> bool:
+  for i, a in enumerate(argv):
+    if a.startswith("--topology="):
+      value = a.split("=", 1)[1]
+    elif a == "--topology" and i + 1 < len(argv):
+      value = argv[i + 1]
+    else:
+      continue
+    if value.strip().lower() in ("gpu", "local"):
+      return True
+  return False
+
+
+# A TPU slice is compiled for, not attached: JAX's own backend stays the CPU and libtpu serves as a
+# compiler only. --topology gpu / local compiles for the attached devices, so leaves JAX its default.
+if not _local_requested(sys.argv):
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -25,12 +43,16 @@ from blip2_jax.train import aot
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a recipe: configs/<name>.py[:args]", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5p-128, v5e-256 (v5litepod-256), v4-64, v6e-256, "
-                                "or libtpu's notation (v5p:4x4x4)")
+                                "or libtpu's notation (v5p:4x4x4); gpu / local: this host's devices")
+_CHIP = flags.DEFINE_string("chip", None, "with --topology gpu / local: the chip figures to use (h100, h200, a100, "
+                            "v5p, ...); default: from the devices' kind")
 _MESH = flags.DEFINE_string("mesh", None, "data,fsdp,tensor (one -1 takes the rest); default: the recipe's")
 _BATCH = flags.DEFINE_integer("global_batch", None, "global batch size (also --global-batch); default: the recipe's")
 _JSON = flags.DEFINE_string("json", None, "also write the full report (every collective) as JSON here")
 _HLO = flags.DEFINE_string("hlo", None, "also write the compiled (optimized, per-device) HLO text here")
 _TOP = flags.DEFINE_integer("top", 12, "collective groups to print")
+_RUN = flags.DEFINE_integer("run", 0, "with --topology gpu / local: also run this many steps on random weights and "
+                            "data and print the measured step time beside the estimate")
 _DEBUG = flags.DEFINE_bool("debug", False, "tracebacks, and libtpu's / XLA's own log on stderr")
 
 
@@ -105,7 +127,7 @@ def _main(argv: list[str]) -> int:
   log: list = []
   try:
     report = aot.compile_recipe(config, _TOPOLOGY.value, recipe=_recipe_name(argv), recipe_batch=recipe_batch,
-                                log=log, hlo_path=_HLO.value)
+                                log=log, hlo_path=_HLO.value, chip=_CHIP.value, run=_RUN.value)
   except aot.DoesNotFit as e:
     raise options.Failure(f"{_recipe_name(argv)} does not fit {_TOPOLOGY.value}: XLA ran out of HBM ({e}); "
                           + aot.FIT_HINT) from e

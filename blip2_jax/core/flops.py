@@ -2,11 +2,12 @@
 
 XLA's cost analysis (`jit(f).lower(...).cost_analysis()`) counts the body of a `lax.scan` / while
 loop once, whatever its trip count, so for a scanned-layer model it undercounts by about the
-number of layers. Here every `dot_general` and convolution is counted with its shapes and scan
-bodies are multiplied by their length; what is not traced (the frozen towers' weight gradients,
-which are never computed) is not counted, and what is traced twice (rematerialised forwards) is,
-so the figure is the work the step really does ("hardware FLOPs"). Element-wise work is left out,
-as in the usual MFU accounting (PaLM appendix B).
+number of layers. Here every `dot_general` and convolution is counted with its shapes, scan
+bodies are multiplied by their length and shard_map bodies (one device's shapes) by their number
+of devices; what is not traced (the frozen towers' weight gradients, which are never computed) is
+not counted, and what is traced twice (rematerialised forwards) is, so the figure is the work the
+step really does ("hardware FLOPs"). Element-wise work is left out, as in the usual MFU accounting
+(PaLM appendix B).
 
     n = count_flops(train_step, state, batch, rng)        # any function jax can trace
 """
@@ -42,6 +43,12 @@ def _sub_jaxprs(params: dict):
         yield x
 
 
+def _manual_devices(params: dict) -> int:
+  mesh = params["mesh"]
+  axes = params.get("newly_manual_axes", params.get("manual_axes", mesh.axis_names))
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def jaxpr_flops(jaxpr) -> float:
   """Matmul FLOPs of a (closed) jaxpr, scan bodies times their length, `cond` by its costliest branch."""
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
@@ -54,6 +61,8 @@ def jaxpr_flops(jaxpr) -> float:
       total += _conv_flops(eqn)
     elif name == "cond":
       total += max((jaxpr_flops(b) for b in eqn.params["branches"]), default=0.0)
+    elif name == "shard_map":  # the body sees one device's shapes and runs on every device
+      total += jaxpr_flops(eqn.params["jaxpr"]) * _manual_devices(eqn.params)
     else:
       inner = sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params))
       total += inner * (eqn.params["length"] if name == "scan" else 1)  # while: trip count unknown, once

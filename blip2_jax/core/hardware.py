@@ -1,8 +1,9 @@
-"""Published per-chip figures and TPU slice names, for the ahead-of-time roofline.
+"""Published per-chip figures, TPU slice names and local devices, for the ahead-of-time roofline.
 
 Each figure is the vendor's published number for one chip, with the page it comes from. ICI
 bandwidth is per chip, both directions, over all its links; `link_bw` splits it over the links
-(a ring collective along one torus axis uses the two links of that axis).
+(a ring collective along one torus axis uses the two links of that axis). `--topology gpu` /
+`local` compiles for the devices attached to this host instead of a TPU slice (`local_topology`).
 """
 from __future__ import annotations
 
@@ -50,6 +51,10 @@ CHIPS = {
 # JAX device_kind -> CHIPS key (compile-only topology devices report these)
 DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
                 "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+# GPU device_kind (e.g. "NVIDIA H100 80GB HBM3") -> CHIPS key: the SXM parts the table describes
+# (PCIe / NVL variants differ in peak and bandwidth and are not matched)
+GPU_KINDS = (("H200", "h200"), ("H100 80GB HBM3", "h100"), ("H100 SXM", "h100"), ("A100-SXM4-40GB", "a100"))
+LOCAL_NAMES = ("gpu", "local")
 
 # chips -> slice shape, as Cloud TPU lays slices out (MaxText accelerator_to_spec_map)
 SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
@@ -65,7 +70,7 @@ _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6": "v6e"}
 class Topology:
   name: str            # as given (v5p-128)
   family: str          # CHIPS key
-  libtpu_name: str     # libtpu's notation (v5p:4x4x4)
+  libtpu_name: str     # libtpu's notation (v5p:4x4x4); "local <platform>" for this host's devices
   chips: int
 
   @property
@@ -135,3 +140,31 @@ def libtpu_available() -> bool:
   except (ImportError, AttributeError):  # another jax layout
     import importlib.util
     return importlib.util.find_spec("libtpu") is not None
+
+
+def is_local(name: str) -> bool:
+  return name.strip().lower() in LOCAL_NAMES
+
+
+def chip_for_kind(kind: str) -> str | None:
+  """CHIPS key of a JAX device_kind, None when the table has no figures for it."""
+  if kind in DEVICE_KINDS:
+    return DEVICE_KINDS[kind]
+  return next((key for needle, key in GPU_KINDS if needle.lower() in kind.lower()), None)
+
+
+def local_topology(name: str, devices, chip: str | None = None) -> Topology:
+  """This host's `devices` as a topology: `--topology gpu` (GPUs only) or `local` (any platform).
+  The chip figures come from the devices' kind, or `chip` (a CHIPS key) when given; ValueError when
+  neither names a chip of the table."""
+  name = name.strip().lower()
+  platform = devices[0].platform if devices else "none"
+  if name == "gpu" and platform != "gpu":
+    raise ValueError(f"--topology gpu: JAX sees no GPU here (platform {platform}); --topology local "
+                     "compiles for this host's devices")
+  kind = devices[0].device_kind if devices else ""
+  family = chip.strip().lower() if chip else chip_for_kind(kind)
+  if family not in CHIPS:
+    raise ValueError(f"no chip figures for {kind or platform!r}" + (f" (--chip {chip!r})" if chip else "")
+                     + "; name one with --chip: " + ", ".join(CHIPS))
+  return Topology(name, family, f"local {platform}", len(devices))

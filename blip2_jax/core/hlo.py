@@ -251,6 +251,7 @@ class Collective:
   op_name: str           # jax's op_name metadata: where in the program it comes from
   name: str
   channel: int | None = None
+  piece: bool = False    # inside a TPU async_collective_fusion (a piece of a collective started elsewhere)
 
   def traffic(self) -> float:
     """Bytes each device sends per execution (ring algorithms)."""
@@ -302,22 +303,28 @@ def collectives(text: str, mesh) -> tuple[list[Collective], list[str]]:
   out: list[Collective] = []
   notes: list[str] = []
 
-  def record(kind, ins, nbytes, mult, in_loop, meta=None):
+  def record(kind, ins, nbytes, mult, in_loop, meta=None, piece=False):
     groups = replica_groups(ins.attrs, len(flat))
     size = len(groups[0]) if groups else 1
     op = re.search(r'op_name="([^"]*)"', (meta or ins).line)
     channel = re.search(r"channel_id=(\d+)", ins.attrs)
     out.append(Collective(kind, int(nbytes), mult, size if kind != "collective-permute" else 2,
                           spanned_axes(groups, shape, names), physical_dims(groups[0], flat) if groups else 0,
-                          in_loop, op.group(1) if op else "", ins.name, int(channel.group(1)) if channel else None))
+                          in_loop, op.group(1) if op else "", ins.name, int(channel.group(1)) if channel else None,
+                          piece))
 
   def walk(comp: str, mult: float, in_loop: bool, seen: tuple[str, ...] = ()):
+    piece = comp.startswith("async_collective_fusion")
     if comp not in comps or comp in seen:
       return
     body = comps[comp]
     defs = {i.name: i for i in body}
+    # TPU: an async collective's start and done fusions both hold the collective; the start counts
+    done = any('custom_call_target="AsyncCollectiveDone"' in i.attrs for i in body)
     for ins in body:
       kind = _OPCODES.get(ins.opcode)
+      if kind is not None and done:
+        continue
       if kind is not None:
         sizes = _array_bytes(ins.shape)
         if not sizes:
@@ -331,7 +338,7 @@ def collectives(text: str, mesh) -> tuple[list[Collective], list[str]]:
           nbytes = sizes[-1] * len(groups[0])
         else:
           nbytes = sum(sizes) if not ins.opcode.endswith("-start") else sizes[0]
-        record(kind, ins, nbytes, mult, in_loop)
+        record(kind, ins, nbytes, mult, in_loop, piece=piece)
         continue
       if ins.opcode == "while":
         body_name = re.search(r"body=%([\w.\-]+)", ins.attrs)
@@ -359,17 +366,22 @@ def collectives(text: str, mesh) -> tuple[list[Collective], list[str]]:
 
 
 def _one_per_channel(colls: list[Collective]) -> list[Collective]:
-  """One collective per channel id. TPU's async collectives are started once and advanced by
-  `async_collective_fusion` pieces placed inside the loops that overlap them; each piece repeats
-  the collective with its channel id, so only the least repeated occurrence (the start) counts."""
-  best: dict[int, Collective] = {}
-  rest = []
+  """Each collective once where TPU async-collective pieces repeat it. TPU's async collectives are
+  started once and advanced by `async_collective_fusion` pieces placed inside the loops that overlap
+  them (and finished by another fusion); each piece repeats the collective with its channel id,
+  kind and shape. Collectives outside such pieces all count; a piece counts only when no collective
+  outside the pieces has its channel, kind and size, and then once per (channel, kind, size, axes):
+  its least repeated occurrence (the start). Channel ids alone do not identify a collective: XLA
+  numbers every shard_map collective 1 (on the CPU and on TPU slices alike)."""
+  def key(c):
+    return (c.channel, c.kind, c.bytes, c.axes)
+  whole = [c for c in colls if not c.piece]
+  started = {key(c) for c in whole}
+  best: dict[tuple, Collective] = {}
   for c in colls:
-    if c.channel is None:
-      rest.append(c)
-    elif c.channel not in best or c.count < best[c.channel].count:
-      best[c.channel] = c
-  return rest + list(best.values())
+    if c.piece and key(c) not in started and (key(c) not in best or c.count < best[key(c)].count):
+      best[key(c)] = c
+  return whole + list(best.values())
 
 
 def summarize(colls: list[Collective]) -> list[dict]:
@@ -382,3 +394,302 @@ def summarize(colls: list[Collective]) -> list[dict]:
     r["count"] += c.count
     r["traffic"] += c.count * c.traffic()
   return sorted(rows.values(), key=lambda r: -r["traffic"])
+
+
+# ----------------------------------------------------------------------------------------
+# per-op cost: matmul FLOPs and HBM bytes
+
+
+_ARRAY_LAYOUT = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+[a-z]*)?)\[([\d,]*)\](\{[^}]*\})?")
+# no HBM traffic of their own: aliases, tuples, scalars' bookkeeping, async halves counted at their start
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id", "replica-id",
+         "opt-barrier", "optimization-barrier", "add-dependency", "domain", "get-dimension-size", "copy-done",
+         "slice-done", "async-done", "async-update", "send-done", "recv-done"}
+_DONE = {f"{k}-done" for k in KINDS}
+_SLICING = ("dynamic-slice", "slice", "gather")
+
+
+def _padded(dims: list[int], layout: str) -> int:
+  """Elements an array occupies under its TPU tiling: the layout's first tile T(a,b) pads the two
+  most minor dimensions (physical order) to multiples of a and b (8 x 128 for most arrays: a
+  minor dimension of 257 takes 384)."""
+  n = int(np.prod(dims)) if dims else 1
+  m = re.match(r"\{([\d,]*):[^}]*?T\(([\d,]+)\)", layout or "")
+  if not m or not dims:
+    return n
+  order = [int(x) for x in m.group(1).split(",") if x]
+  tile = [int(x) for x in m.group(2).split(",")]
+  padded = list(dims)
+  for t, d in zip(reversed(tile), order):  # tile's last entry pads the most minor dimension
+    if d < len(padded):
+      padded[d] = -(-padded[d] // t) * t
+  return int(np.prod(padded))
+
+
+def _arrays(shape_text: str) -> list[tuple[int, float, bool]]:
+  """(elements as laid out, bytes per element, in HBM) of each array in a shape. Arrays placed in
+  another memory space (TPU layouts `S(n)`, n > 0: on-chip VMEM / SMEM) are not HBM."""
+  out = []
+  for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape_text):
+    size = 1 if dtype.startswith("f8") else _DTYPE_BYTES.get(dtype)
+    if size is None:
+      continue
+    space = re.search(r"S\((\d+)\)", layout or "")
+    out.append((_padded([int(d) for d in dims.split(",") if d], layout), size, not space or space.group(1) == "0"))
+  return out
+
+
+def _hbm(shape_text: str) -> float:
+  return float(sum(n * b for n, b, hbm in _arrays(shape_text) if hbm))
+
+
+def _logical(shape_text: str) -> float:
+  return float(sum(n * b for n, b, _ in _arrays(shape_text)))
+
+
+def _dims(shape_text: str) -> list[int]:
+  m = _ARRAY_LAYOUT.search(shape_text)
+  return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _window(attrs: str, key: str, n: int, default: int) -> list[int]:
+  m = re.search(rf"\b{key}=([\d_x\-]+)", attrs)
+  if not m:
+    return [default] * n
+  return [int(x.split("_")[0]) for x in m.group(1).split("x")]
+
+
+def _conv_flops(ins: Instr, defs: dict[str, Instr]) -> float:
+  """2 x (output elements) x (kernel input features) x (window taps that land on input elements).
+  TPU writes batched and transposed matmuls as convolutions whose batch or head dimensions are
+  windows over an lhs-dilated or padded input, where one tap of the window does: the taps are
+  counted per spatial dimension from the window's size, stride, padding and dilations."""
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+  if not labels or len(ins.operands) < 2 or any(o not in defs for o in ins.operands[:2]):
+    return 0.0
+  lhs_l, ker_l, out_l = labels.groups()
+  lhs, ker, out = _dims(defs[ins.operands[0]].shape), _dims(defs[ins.operands[1]].shape), _dims(ins.shape)
+  if "i" not in ker_l or len(ker) != len(ker_l) or len(lhs) != len(lhs_l) or len(out) != len(out_l):
+    return 0.0
+  spatial = sorted(c for c in out_l if c.isdigit())
+  window = re.search(r"window=\{([^}]*)\}", ins.attrs)
+  w_attrs = window.group(1) if window else ""
+  nsp = len(spatial)
+  size = _window(w_attrs, "size", nsp, 1)
+  stride = _window(w_attrs, "stride", nsp, 1)
+  pad_lo = _window(w_attrs, "pad", nsp, 0)
+  lhs_dil = _window(w_attrs, "lhs_dilate", nsp, 1)
+  rhs_dil = _window(w_attrs, "rhs_dilate", nsp, 1)
+  taps, out_spatial = 1.0, 1.0
+  for c in spatial:
+    j = int(c)
+    n, m = lhs[lhs_l.index(c)], out[out_l.index(c)]
+    pos = (np.arange(m)[:, None] * stride[j] + np.arange(size[j])[None, :] * rhs_dil[j] - pad_lo[j])
+    hits = (pos >= 0) & (pos <= (n - 1) * lhs_dil[j]) & (pos % max(lhs_dil[j], 1) == 0)
+    taps *= float(hits.sum())
+    out_spatial *= m
+  return 2.0 * float(np.prod(out)) / max(out_spatial, 1.0) * ker[ker_l.index("i")] * taps
+
+
+def _dot_flops(ins: Instr, defs: dict[str, Instr]) -> float:
+  """2 x output elements x contracted size, for dot, convolution and cuBLAS GEMM custom calls."""
+  out = _dims(ins.shape)
+  if ins.opcode == "convolution":
+    return _conv_flops(ins, defs)
+  lhs = defs.get(ins.operands[0]) if ins.operands else None
+  if lhs is None:
+    return 0.0
+  if ins.opcode == "dot":
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.attrs)
+  else:  # custom-call: the GEMM's backend_config
+    contracting = re.search(r'"lhs_contracting_dimensions":\[([\d",\s]*)\]', ins.attrs)
+  if not contracting:
+    return 0.0
+  shape = _dims(lhs.shape)
+  k = 1
+  for d in re.findall(r"\d+", contracting.group(1)):
+    k *= shape[int(d)] if int(d) < len(shape) else 1
+  return 2.0 * float(np.prod(out)) * k
+
+
+def _is_gemm(ins: Instr) -> bool:
+  return ins.opcode in ("dot", "convolution") or (
+      ins.opcode == "custom-call" and re.search(r'custom_call_target="__cublas\$(?:lt\$)?(?:gemm|matmul)', ins.attrs)
+      is not None)
+
+
+def _called(ins: Instr) -> list[str]:
+  return re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", ins.attrs)
+
+
+def _comp_flops(comps, name: str, seen=()) -> float:
+  """Matmul FLOPs inside a fused computation (nested fusions included)."""
+  if name not in comps or name in seen:
+    return 0.0
+  body = comps[name]
+  defs = {i.name: i for i in body}
+  total = 0.0
+  for ins in body:
+    if _is_gemm(ins):
+      total += _dot_flops(ins, defs)
+    elif ins.opcode == "fusion":
+      total += sum(_comp_flops(comps, c, seen + (name,)) for c in _called(ins))
+  return total
+
+
+def _reads(comps, comp: str, name: str, full: float, depth: int = 0) -> float:
+  """HBM bytes a fused computation reads of its value `name` (a parameter, `full` bytes): only the
+  slices when every use slices it (a scanned layer's weights out of the stacked ones), nothing when
+  it is the buffer a dynamic-update-slice writes in place, else all of it."""
+  body = comps.get(comp, [])
+  total = 0.0
+  for u in body:
+    if name not in u.operands:
+      continue
+    if u.opcode in _SLICING and u.operands[0] == name:
+      total += _logical(u.shape)
+    elif u.opcode == "dynamic-update-slice" and u.operands[0] == name and u.operands.count(name) == 1:
+      continue
+    elif u.opcode == "bitcast" and depth < 8:
+      total += _reads(comps, comp, u.name, full, depth + 1)
+    elif u.opcode == "fusion" and depth < 8 and _called(u):
+      inner = _called(u)[0]
+      params = {int(re.search(r"parameter\((\d+)\)", i.line).group(1)): i.name
+                for i in comps.get(inner, []) if i.opcode == "parameter"}
+      for j, o in enumerate(u.operands):
+        if o == name and j in params:
+          total += _reads(comps, inner, params[j], full, depth + 1)
+    else:
+      return full
+  return min(total, full)
+
+
+def _writes(comps, comp: str, ins: Instr, defs: dict[str, Instr], depth: int = 0) -> list[float]:
+  """Logical bytes each output of `ins` (inside `comp`) writes: a dynamic-update-slice writes only
+  its update (in place), a tuple its elements; one entry per array of the output."""
+  if depth < 8:
+    if ins.opcode == "dynamic-update-slice" and len(ins.operands) > 1 and ins.operands[1] in defs:
+      return [_logical(defs[ins.operands[1]].shape)]
+    if ins.opcode in ("tuple", "bitcast") and ins.operands and all(o in defs for o in ins.operands):
+      return [w for o in ins.operands for w in _writes(comps, comp, defs[o], defs, depth + 1)]
+    if ins.opcode == "fusion" and _called(ins) and _called(ins)[0] in comps:
+      inner = comps[_called(ins)[0]]
+      root = next((i for i in reversed(inner) if i.line.lstrip().startswith("ROOT")), None)
+      if root is not None:
+        return _writes(comps, _called(ins)[0], root, {i.name: i for i in inner}, depth + 1)
+  return [float(n * b) for n, b, _ in _arrays(ins.shape)]
+
+
+@dataclasses.dataclass
+class OpCost:
+  name: str
+  opcode: str
+  flops: float      # matmul FLOPs per execution
+  bytes: float      # HBM bytes read + written per execution
+  count: float      # executions per step
+  in_loop: bool
+  op_name: str
+
+  def seconds(self, peak_flops: float, hbm_bw: float) -> float:
+    """Per step, at the roofline: the slower of its matmuls at peak and its bytes at HBM bandwidth."""
+    return self.count * max(self.flops / peak_flops, self.bytes / hbm_bw)
+
+
+def _is_collective_fusion(comps, ins: Instr) -> bool:
+  return any(i.opcode in _OPCODES for c in _called(ins) for i in comps.get(c, []))
+
+
+def _op_cost(comps, comp: str, ins: Instr, defs: dict[str, Instr]) -> tuple[float, float]:
+  """(matmul FLOPs, HBM bytes) of one instruction of `comp` run once."""
+  operand_hbm = [_hbm(defs[o].shape) if o in defs else 0.0 for o in ins.operands]
+  if ins.opcode == "fusion":
+    called = _called(ins)
+    inner = comps.get(called[0], []) if called else []
+    params = {int(re.search(r"parameter\((\d+)\)", i.line).group(1)): i.name for i in inner if i.opcode == "parameter"}
+    read = sum(_reads(comps, called[0], params[j], full) if j in params else full
+               for j, full in enumerate(operand_hbm) if full)
+    outs = _arrays(ins.shape)
+    written = _writes(comps, comp, ins, defs)
+    if len(written) != len(outs):  # unmatched structure: the whole output
+      written = [float(n * b) for n, b, _ in outs]
+    write = sum(w for w, (_, _, hbm) in zip(written, outs) if hbm)
+    return _comp_flops(comps, called[0]) if called else 0.0, read + write
+  if ins.opcode == "dynamic-update-slice":
+    update = operand_hbm[1] if len(operand_hbm) > 1 else 0.0
+    return 0.0, update + (_logical(defs[ins.operands[1]].shape) if _hbm(ins.shape) and ins.operands[1] in defs else 0.0)
+  if ins.opcode in _SLICING or ins.opcode == "slice-start":
+    out = _arrays(ins.shape)
+    if ins.opcode == "slice-start":  # ((operand), result, context)
+      out = _arrays(_split_shape(ins.shape[1:])[1]) if ins.shape.startswith("(") else out
+    got = sum(n * b for n, b, _ in out[:1])
+    return 0.0, float(got + sum(n * b for n, b, hbm in out[:1] if hbm))
+  if ins.opcode == "copy-start":  # (destination, source, context): a copy between memory spaces
+    dest = _arrays(ins.shape)[:1]
+    return 0.0, sum(operand_hbm) + sum(n * b for n, b, hbm in dest if hbm)
+  if ins.opcode == "custom-call" and 'custom_call_target="AllocateBuffer"' in ins.attrs:
+    return 0.0, 0.0
+  flops = _dot_flops(ins, defs) if _is_gemm(ins) else 0.0
+  return flops, sum(operand_hbm) + _hbm(ins.shape)
+
+
+def op_costs(text: str) -> tuple[list[OpCost], list[str]]:
+  """Every instruction of compiled HLO `text` that runs as a kernel, with its matmul FLOPs and HBM
+  bytes (operands read + outputs written; a fusion's operand it only slices counts the slices, a
+  buffer updated in place counts the update) and how often it runs per step (loop bodies times
+  their trip count, as `collectives`). Collectives are left out (`collectives` counts them)."""
+  comps, entry = parse_module(text)
+  out: list[OpCost] = []
+  notes: list[str] = []
+
+  def walk(comp: str, mult: float, in_loop: bool, seen: tuple[str, ...] = ()):
+    if comp not in comps or comp in seen:
+      return
+    body = comps[comp]
+    defs = {i.name: i for i in body}
+    for ins in body:
+      op = ins.opcode
+      if op in _FREE or op in _OPCODES or op in _DONE:
+        continue
+      if op == "while":
+        body_name = re.search(r"body=%([\w.\-]+)", ins.attrs)
+        trips = _trip_count(ins, comps, defs)
+        if trips is None:
+          notes.append(f"trip count of {ins.name} unknown: its ops are counted once")
+          trips = 1
+        if body_name:
+          walk(body_name.group(1), mult * trips, True, seen + (comp,))
+        continue
+      if op in ("call", "conditional") or op.startswith("async-start"):
+        called = re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)", ins.attrs)
+        branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+        if branches:  # every branch counted: an upper bound
+          called += re.findall(r"%([\w.\-]+)", branches.group(1))
+        for c in called:
+          walk(c, mult, in_loop, seen + (comp,))
+        continue
+      if op == "fusion" and _is_collective_fusion(comps, ins):
+        continue
+      flops, nbytes = _op_cost(comps, comp, ins, defs)
+      if flops or nbytes:
+        meta = re.search(r'op_name="([^"]*)"', ins.line)
+        out.append(OpCost(ins.name, op, flops, nbytes, mult, in_loop, meta.group(1) if meta else ""))
+
+  walk(entry, 1.0, False)
+  return out, notes
+
+
+def summarize_ops(ops: list[OpCost], peak_flops: float, hbm_bw: float, top: int = 8) -> list[dict]:
+  """The memory-bound time per step grouped by where ops come from (jax's op_name without the
+  innermost primitive), largest first: what keeps a step from its matmul peak."""
+  rows: dict[str, dict] = {}
+  for o in ops:
+    t_mem, t_mxu = o.count * o.bytes / hbm_bw, o.count * o.flops / peak_flops
+    if t_mem <= t_mxu:
+      continue
+    where = "/".join(o.op_name.split("/")[:-1]) or o.op_name or o.opcode
+    r = rows.setdefault(where, dict(where=where, ops=0.0, bytes=0.0, seconds=0.0, excess=0.0))
+    r["ops"] += o.count
+    r["bytes"] += o.count * o.bytes
+    r["seconds"] += t_mem
+    r["excess"] += t_mem - t_mxu
+  return sorted(rows.values(), key=lambda r: -r["excess"])[:top]

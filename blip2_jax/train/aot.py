@@ -1,17 +1,27 @@
-"""Ahead-of-time compilation of a recipe's real train step for a TPU slice that is not attached.
+"""Ahead-of-time compilation of a recipe's real train step for a TPU slice that is not attached
+(or for this host's own devices).
 
     python -m blip2_jax.aot --config configs/stage1.py:vit=g --topology v5p-128
+    python -m blip2_jax.aot --config configs/stage1.py:vit=g --topology gpu --global-batch 64   # on a GPU host
 
 `compile_recipe` builds the step exactly as `python -m blip2_jax.train` does (train/loop.py
 `make_train_mesh`, `build_setup`, `make_step`), but from abstract parameters (train/setup.py
 `build_abstract`: the released model's shapes, nothing read) and an abstract batch, over the
 compile-only devices libtpu describes for the slice; then XLA's TPU compiler runs on this host.
+`--topology gpu` / `local` compiles for the devices attached here instead (a GPU's own compiler),
+with the chip figures of their kind, so the estimate can be checked against a measured step.
 From the compiled program it reports per device: memory against the chip's HBM, matmul FLOPs
-(`blip2_jax.core.flops`, scanned layers counted), every collective (`core.hlo`), the largest replicated
-arrays, XLA's involuntary-rematerialisation warnings, and a roofline step time from the published
-chip figures (`core.hardware`): compute at peak FLOP/s, collectives at ICI bandwidth, overlapped
-(max) and not (sum); the MFU and the days for the recipe's schedule follow. Roofline figures are
-ceilings: a real step also spends time in memory-bound ops and on imperfect overlap.
+(`blip2_jax.core.flops`, scanned layers counted), every collective (`core.hlo.collectives`), the HBM bytes
+every op reads and writes (`core.hlo.op_costs`), the largest replicated arrays, XLA's
+involuntary-rematerialisation warnings, and a roofline step time from the published chip figures
+(`core.hardware`):
+  ops         = sum over the optimized program's ops (loop bodies times their trip count) of
+                max(the op's matmul FLOPs at peak bf16 FLOP/s, its HBM bytes at HBM bandwidth),
+                plus any matmul FLOPs of the jaxpr count that the HLO count misses, at peak
+  collectives = every collective's bytes at ICI bandwidth (core.hlo)
+  step        = ops + collectives (not overlapped) or max(ops, collectives) (overlapped)
+MFU = model FLOPs / (step x peak); days follow from the recipe's steps. Still optimistic: each op is
+taken to overlap its own memory and matmul work perfectly, and the chips' peak rates to be reached.
 """
 from __future__ import annotations
 
@@ -56,6 +66,8 @@ class Report:
   involuntary: list             # XLA's "Involuntary full rematerialization" lines (shortened)
   task: str = ""
   notes: list = dataclasses.field(default_factory=list)
+  ops: dict = dataclasses.field(default_factory=dict)  # per device: op_roofline() of the compiled program
+  measured: dict = dataclasses.field(default_factory=dict)  # run_steps() on local devices: step_s, peak, ...
 
   @property
   def devices(self) -> int:
@@ -70,10 +82,13 @@ class Report:
     return sum(c.count * c.traffic() / (max(c.phys_dims, 1) * link) for c in self.collectives)
 
   def roofline(self) -> dict:
+    """Step time estimates in seconds (see the module docstring), MFU and days for each."""
     chip = self.topology.chip
     compute = self.hw_flops / self.devices / chip.bf16_flops
     comm = self.comm_seconds()
-    out = dict(compute_s=compute, comm_s=comm, overlapped_s=max(compute, comm), serial_s=compute + comm)
+    ops = self.ops.get("op_s", compute)
+    out = dict(compute_s=compute, memory_s=self.ops.get("hbm_bytes", 0.0) / chip.hbm_bw, ops_s=ops, comm_s=comm,
+               overlapped_s=max(ops, comm), serial_s=ops + comm)
     for k in ("overlapped", "serial"):
       t = out[f"{k}_s"]
       out[f"mfu_{k}"] = self.model_flops / self.devices / (t * chip.bf16_flops) if t else 0.0
@@ -92,12 +107,14 @@ class Report:
 
   def to_dict(self) -> dict:
     return dict(recipe=self.recipe, topology=self.topology.name, libtpu_topology=self.topology.libtpu_name,
-                chip=self.topology.chip.name, devices=self.devices, mesh=self.mesh, global_batch=self.global_batch,
+                chip=self.topology.chip.name, peak_flops=self.topology.chip.bf16_flops, devices=self.devices,
+                mesh=self.mesh, global_batch=self.global_batch,
                 remat=self.remat, steps=self.steps, memory=self.memory, fits=self.fits, hw_flops=self.hw_flops,
                 model_flops=self.model_flops, roofline=self.roofline(), paper=self.paper(),
                 collectives=[dataclasses.asdict(c) for c in self.collectives],
                 collective_summary=hlo.summarize(self.collectives), replicated=self.replicated,
-                replicated_bytes=self.replicated_bytes, involuntary=self.involuntary, notes=self.notes)
+                replicated_bytes=self.replicated_bytes, involuntary=self.involuntary, notes=self.notes, ops=self.ops,
+                measured=self.measured)
 
 
 @contextlib.contextmanager
@@ -163,6 +180,75 @@ def _oom_numbers(msg: str) -> str:
   return f"used {m.group(1)}B of {m.group(2)}B HBM" if m else msg.splitlines()[0][:300]
 
 
+def op_roofline(text: str, chip: hardware.Chip, jaxpr_flops: float, top: int = 8) -> tuple[dict, list[str]]:
+  """Per device, from compiled HLO `text`: matmul FLOPs and HBM bytes per step over its ops, and
+  op_s = sum of max(FLOPs at peak, bytes at HBM bandwidth) per op, plus `jaxpr_flops` (per device)
+  beyond the HLO count at peak (matmuls in library calls the count does not read). memory_bound:
+  where the ops slower on memory than on their matmuls come from, largest excess first."""
+  ops, notes = hlo.op_costs(text)
+  flops = sum(o.count * o.flops for o in ops)
+  missed = max(0.0, jaxpr_flops - flops) / chip.bf16_flops
+  return dict(hlo_flops=flops, hbm_bytes=sum(o.count * o.bytes for o in ops),
+              op_s=sum(o.seconds(chip.bf16_flops, chip.hbm_bw) for o in ops) + missed, missed_flops_s=missed,
+              memory_bound=hlo.summarize_ops(ops, chip.bf16_flops, chip.hbm_bw, top)), notes
+
+
+def _random_like(tree, key):
+  """Device arrays shaped, typed and placed like the ShapeDtypeStructs of `tree`: small normal floats,
+  zero integers (a step counter, the optimizer's counts)."""
+  import jax
+  import jax.numpy as jnp
+  leaves, treedef = jax.tree.flatten(tree)
+
+  def make(key):
+    return treedef.unflatten([
+        (0.02 * jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)).astype(x.dtype)
+        if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(x.shape, x.dtype) for i, x in enumerate(leaves)])
+  return jax.jit(make, out_shardings=treedef.unflatten([x.sharding for x in leaves]))(key)
+
+
+def _random_batch(batch, key):
+  """A batch like the abstract one: normal pixels, all-ones masks, token ids in [5, 100) (valid for
+  every vocabulary here), labels the same ids (every position carries loss)."""
+  import jax
+  import jax.numpy as jnp
+  out = {}
+  for i, (name, x) in enumerate(sorted(batch.items())):
+    k = jax.random.fold_in(key, i)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      v = jax.random.normal(k, x.shape, x.dtype)
+    elif "mask" in name:
+      v = jnp.ones(x.shape, x.dtype)
+    else:
+      v = jax.random.randint(jax.random.fold_in(key, 99), x.shape, 5, 100, x.dtype)  # ids and labels alike
+    out[name] = jax.device_put(v, x.sharding)
+  return out
+
+
+def run_steps(compiled, state, batch, rng, steps: int) -> dict:
+  """Runs the compiled step on random weights and data on the attached devices: one warm-up call,
+  then `steps` timed ones (the state fed back, as training does). -> step_s (median), all_s, peak
+  (the device allocator's peak bytes, where it reports one)."""
+  import statistics
+  import time
+
+  import jax
+  state = _random_like(state, jax.random.PRNGKey(1))
+  batch = _random_batch(batch, jax.random.PRNGKey(2))
+  key = jax.random.PRNGKey(3)
+  state, m = compiled(state, batch, key)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = compiled(state, batch, key)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return dict(step_s=statistics.median(times), all_s=times, peak=stats.get("peak_bytes_in_use"),
+              loss=float(m["loss"]))
+
+
 def _steps(config) -> int:
   return int(config.total_steps or 0)
 
@@ -180,18 +266,30 @@ def _model_flops(config, st, parts, mesh, state, batch, rng) -> float:
 
 
 def compile_recipe(config, topology: str, *, recipe: str = "", recipe_batch: int | None = None,
-                   log: list | None = None, devices=None, hlo_path: str | None = None) -> Report:
-  """Compiles `config`'s train step for `topology` (a slice name, hardware.parse_topology) and
-  measures it. `recipe_batch`: the recipe's own global batch when `config` overrides it (the paper
-  comparison scales to it). ValueError: bad input (topology, mesh, batch, recipe); DoesNotFit: the
-  compiler ran out of HBM (its numbers in the message). `log` collects libtpu's / XLA's stderr.
-  `devices`: compile for these instead of the topology's (tests: host CPU devices; the chip figures
-  stay the topology's). `hlo_path`: also write the optimized HLO text there."""
+                   log: list | None = None, devices=None, hlo_path: str | None = None,
+                   chip: str | None = None, run: int = 0) -> Report:
+  """Compiles `config`'s train step for `topology` (a slice name, hardware.parse_topology, or
+  gpu / local: this host's devices, hardware.local_topology) and measures it. `recipe_batch`: the
+  recipe's own global batch when `config` overrides it (the paper comparison scales to it).
+  ValueError: bad input (topology, mesh, batch, recipe); DoesNotFit: the compiler ran out of HBM
+  (its numbers in the message). `log` collects libtpu's / XLA's stderr. `devices`: compile for these
+  instead of the topology's (tests: host CPU devices; the chip figures stay the topology's).
+  `hlo_path`: also write the optimized HLO text there. `chip`: a hardware.CHIPS key whose figures
+  replace the topology's. `run` (local devices only): also run that many steps on random weights
+  and data (`run_steps`) and keep the measured step time in `Report.measured`."""
   import flax.linen as nn
   import jax
 
   log = [] if log is None else log
-  topo = hardware.parse_topology(topology)
+  if run and not hardware.is_local(topology):
+    raise ValueError("--run times the step on this host's devices: use it with --topology gpu / local")
+  if hardware.is_local(topology):
+    devices = jax.devices() if devices is None else devices
+    topo = hardware.local_topology(topology, devices, chip)
+  else:
+    if chip:
+      raise ValueError("--chip names the figures of this host's devices: use it with --topology gpu / local")
+    topo = hardware.parse_topology(topology)
   if devices is None:
     if not hardware.libtpu_available():
       raise ValueError("libtpu is not installed, so there is no TPU compiler: pip install libtpu "
@@ -232,6 +330,8 @@ def compile_recipe(config, topology: str, *, recipe: str = "", recipe_batch: int
   with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
     hw = flops.count_flops(jitted, parts.state, batch, rng)
   model = _model_flops(config, st, parts, mesh, parts.state, batch, rng)
+  ops, op_notes = op_roofline(text, topo.chip, hw / topo.chips)
+  notes += op_notes
   replicated, rep_bytes = _replicated(parts.state)
   if not steps:
     notes.append("the recipe counts epochs, not steps (total_steps 0): no days estimated; set "
@@ -240,7 +340,9 @@ def compile_recipe(config, topology: str, *, recipe: str = "", recipe_batch: int
                recipe_batch=int(recipe_batch or config.global_batch_size), remat=str(config.model.remat), steps=steps, memory=memory,
                hw_flops=hw, model_flops=model, collectives=colls, replicated=replicated, replicated_bytes=rep_bytes,
                involuntary=sorted(set(_involuntary("".join(sink) + _tpu_log()))), notes=notes,
-               task=str(config.task))
+               task=str(config.task), ops=ops)
+  if run:
+    rep.measured = run_steps(compiled, parts.state, batch, rng, run)
   return rep
 
 
@@ -257,6 +359,12 @@ def _b(n: float) -> str:
 
 def _t(s: float) -> str:
   return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.1f} s"
+
+
+def _where(op_name: str) -> str:
+  """The informative tail of a jax op_name: the pass and the layer."""
+  parts = [p for p in op_name.split("/") if p and p not in ("jit(run)", "body", "while", "closed_call")]
+  return "/".join(parts[-4:])[-110:] or op_name
 
 
 def format_report(r: Report, top: int = 12) -> str:
@@ -296,11 +404,30 @@ def format_report(r: Report, top: int = 12) -> str:
     lines += ["", f"XLA involuntary full rematerializations: {len(r.involuntary)}"]
     lines += [f"  {x[:200]}" for x in r.involuntary[:6]]
   rf = r.roofline()
-  lines += ["", f"roofline on {chip.name} ({chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, ICI {chip.ici_bw / 1e9:.0f} GB/s "
-            f"per chip over {chip.ici_links} links): compute {_t(rf['compute_s'])}, collectives {_t(rf['comm_s'])}; "
-            f"step {_t(rf['overlapped_s'])} overlapped / {_t(rf['serial_s'])} not",
-            f"MFU (ceiling) {100 * rf['mfu_overlapped']:.1f}% overlapped / {100 * rf['mfu_serial']:.1f}% not; "
+  if r.ops:
+    o = r.ops
+    lines += ["", f"HBM traffic per step (per device): {_b(o['hbm_bytes'])} read + written, {_t(rf['memory_s'])} at "
+              f"{chip.hbm_bw / 1e9:.0f} GB/s; matmuls ({o['hlo_flops'] / 1e12:.2f} TFLOP in the HLO) at peak "
+              f"{_t(rf['compute_s'])}; each op the slower of the two, summed: {_t(rf['ops_s'])}"]
+    if o.get("missed_flops_s", 0.0) > 0.005 * rf["ops_s"]:  # round-off between the two counts is not news
+      lines.append(f"  ({_t(o['missed_flops_s'])} of it: matmul FLOPs the HLO count does not see, at peak)")
+    if o.get("memory_bound"):
+      lines.append("  ops slower on memory than on matmuls, by where they come from (time beyond their matmuls):")
+      for x in o["memory_bound"][:6]:
+        lines.append(f"  {_t(x['excess']):>9} {_b(x['bytes']):>11}  {_where(x['where'])}")
+  lines += ["", f"roofline on {chip.name} ({chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
+            f"HBM {chip.hbm_bw / 1e9:.0f} GB/s, "
+            f"ICI {chip.ici_bw / 1e9:.0f} GB/s per chip over {chip.ici_links} links): ops {_t(rf['ops_s'])}, "
+            f"collectives {_t(rf['comm_s'])}; step {_t(rf['overlapped_s'])} overlapped / {_t(rf['serial_s'])} not",
+            f"MFU (estimate) {100 * rf['mfu_overlapped']:.1f}% overlapped / {100 * rf['mfu_serial']:.1f}% not; "
             f"{r.global_batch / rf['overlapped_s']:.0f} / {r.global_batch / rf['serial_s']:.0f} samples/s"]
+  if r.measured:
+    x = r.measured
+    mfu = r.model_flops / r.devices / (x["step_s"] * chip.bf16_flops)
+    lines.append(f"measured on this host (random weights and data, median of {len(x['all_s'])}): step "
+                 f"{_t(x['step_s'])}, MFU {100 * mfu:.1f}%, {r.global_batch / x['step_s']:.0f} samples/s"
+                 + (f", peak memory {_b(x['peak'])} (device allocator)" if x.get("peak") else "")
+                 + f"; estimate / measured {rf['serial_s'] / x['step_s']:.2f}")
   if r.steps:
     lines.append(f"{r.steps} steps: {rf['days_overlapped']:.2f} days overlapped / {rf['days_serial']:.2f} days not")
   p = r.paper()

@@ -11,73 +11,81 @@ Softmax / cross-entropy run in float32 whatever the logits' dtype.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax.models import layers as L
 from blip2_jax.models import qformer as Q
 from blip2_jax.models import t5
 
-IGNORE = -100  # label id that carries no loss (torch / HF ignore_index)
+IGNORE = L.IGNORE_INDEX  # label id that carries no loss (torch / HF ignore_index)
 STAGE1_RNG_STREAMS = ("negatives", "image", "text", "itm", "itg")
 
 
-def cross_entropy(logits, labels, *, label_smoothing: float = 0.0, ignore_index: int = IGNORE,
-                  reduction: str = "mean"):
-  """torch.nn.functional.cross_entropy over the last axis, in float32: label smoothing as torch
-  ((1 - e) * nll + e * mean over classes of -log p), `ignore_index` rows dropped, "mean" over the
-  kept rows (0 when none) or "sum"."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  labels = jnp.asarray(labels)
-  keep = labels != ignore_index
-  safe = jnp.where(keep, labels, 0)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-  if label_smoothing:
-    nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
-  total = jnp.sum(jnp.where(keep, nll, 0.0))
-  if reduction == "sum":
-    return total
-  return total / jnp.maximum(jnp.sum(keep), 1).astype(jnp.float32)
+# torch's F.cross_entropy (HF's LM loss with the defaults); written once, in the models' shared layers
+cross_entropy = L.cross_entropy
 
 
 # ----------------------------------------------------------------------------------------
 # stage 1
 
 
-def hard_negative_probs(sim) -> jax.Array:
-  """LAVIS 1.0.2 hard-negative weights for a square (N, N) similarity (row i's positive is column
-  i): softmax(sim) + 1e-4, the positive set to 0, renormalised (torch.multinomial normalises)."""
+def hard_negative_probs(sim, row_offset=0) -> jax.Array:
+  """LAVIS 1.0.2 hard-negative weights for similarity rows whose positive sits on the diagonal: row
+  i's positive is column i + row_offset (a square (N, N) matrix: offset 0; one device's rows of the
+  global matrix: its first row's global index). softmax(sim) + 1e-4, the positive set to 0,
+  renormalised (torch.multinomial normalises)."""
   p = jax.nn.softmax(jax.lax.stop_gradient(sim).astype(jnp.float32), axis=-1) + 1e-4
-  p = jnp.where(jnp.eye(sim.shape[0], sim.shape[1], dtype=bool), 0.0, p)
+  rows = jnp.arange(sim.shape[0]) + row_offset
+  p = jnp.where(rows[:, None] == jnp.arange(sim.shape[1])[None, :], 0.0, p)
   return p / p.sum(axis=-1, keepdims=True)
 
 
-def sample_hard_negatives(rng, sim_i2t, sim_t2i):
+def _categorical_rows(key, logits, row_offset):
+  """jax.random.categorical(key, full_logits) restricted to rows [row_offset, row_offset + R) of the
+  square matrix `full_logits` whose rows these `logits` (R, N) are: the Gumbel noise of the whole
+  (N, N) draw is generated and the same rows taken, so every device of a data-parallel step draws
+  exactly what one device draws for the global batch (categorical is argmax(gumbel + logits))."""
+  n = logits.shape[1]
+  noise = jax.random.gumbel(key, (n, n), logits.dtype)
+  noise = jax.lax.dynamic_slice_in_dim(noise, row_offset, logits.shape[0], axis=0)
+  return jnp.argmax(noise + logits, axis=-1)
+
+
+def sample_hard_negatives(rng, sim_i2t, sim_t2i, *, row_offset=0):
   """One negative image per text (from sim_t2i's rows) and one negative text per image (from
   sim_i2t's rows), drawn with `hard_negative_probs`. Deterministic in `rng`. -> (neg_image_idx,
-  neg_text_idx), each (N,) int32 indices into the global batch."""
+  neg_text_idx), each (R,) int32 indices into the global batch of N. The rows may be a slice of the
+  global (N, N) similarities starting at global row `row_offset` (one device's rows): the draws
+  equal those of the same rows on the whole matrix."""
   k_img, k_txt = jax.random.split(rng)
-  neg_image = jax.random.categorical(k_img, jnp.log(hard_negative_probs(sim_t2i)), axis=-1)
-  neg_text = jax.random.categorical(k_txt, jnp.log(hard_negative_probs(sim_i2t)), axis=-1)
+  neg_image = _categorical_rows(k_img, jnp.log(hard_negative_probs(sim_t2i, row_offset)), row_offset)
+  neg_text = _categorical_rows(k_txt, jnp.log(hard_negative_probs(sim_i2t, row_offset)), row_offset)
   return neg_image.astype(jnp.int32), neg_text.astype(jnp.int32)
 
 
-def itc_logits(image_feats, text_feat, temp, *, full_gradient: bool = False):
-  """(sim_i2t, sim_t2i), each (N, N) float32: max over queries of the cosine similarity / temp.
+def itc_logits(image_feats, text_feat, temp, *, full_gradient: bool = False, all_rows=None):
+  """(sim_i2t, sim_t2i), each (R, N) float32: max over queries of the cosine similarity / temp, of
+  the R given rows against all N rows of the batch (R = N on one device).
 
   LAVIS gathers the other side's features without gradient, so the image->text term is
   differentiated through the image features only and the text->image term through the text
   features only (the gathered copy of the local rows is detached too). DDP's mean over devices of
   per-device means over local rows equals this loss's mean over global rows, so stop_gradient on
-  the gathered side reproduces LAVIS's gradient exactly. `full_gradient=True` lets both flow."""
+  the gathered side reproduces LAVIS's gradient exactly. `full_gradient=True` lets both flow.
+  all_rows: the global batch's rows from this device's (an all-gather inside a per-device step,
+  see `stage1_losses(axis_name=...)`); None: the rows given are the whole batch."""
+  gather = (lambda x: x) if all_rows is None else all_rows
   img = image_feats.astype(jnp.float32)
   txt = text_feat.astype(jnp.float32)
   sg = (lambda x: x) if full_gradient else jax.lax.stop_gradient
   temp = jnp.asarray(temp, jnp.float32)
-  sim_i2t = jnp.einsum("iqe,je->ijq", img, sg(txt)).max(axis=-1) / temp
-  sim_t2i = jnp.einsum("ie,jqe->ijq", txt, sg(img)).max(axis=-1) / temp
+  sim_i2t = jnp.einsum("iqe,je->ijq", img, sg(gather(txt))).max(axis=-1) / temp
+  sim_t2i = jnp.einsum("ie,jqe->ijq", txt, sg(gather(img))).max(axis=-1) / temp
   return sim_i2t, sim_t2i
 
 
@@ -96,10 +104,105 @@ def _split(rng, n):
   return [None] * n if rng is None else list(jax.random.split(rng, n))
 
 
+ROW_EXCHANGES = ("all_gather", "ragged")
+
+
+def exchange_plan(wanted, me, rows_per_device: int):
+  """How devices swap rows so that each gets the global-batch rows it asks for, and nothing else.
+
+  wanted: (n, B) int, row d holds the global row indices device d needs (device s holds global rows
+  s*B ... s*B + B-1); me: this device's index. -> dict of jax.lax.ragged_all_to_all's arguments for
+  this device, all int32: send_rows (n*B,) local rows to put into the operand (first sum(send_sizes)
+  of them matter), input_offsets / send_sizes / output_offsets / recv_sizes (n,), and back (B,): where
+  in the received buffer each of this device's own requests landed. The chunk for device d holds
+  d's requests for rows of `me` in d's order; d receives the chunks in source order."""
+  wanted = jnp.asarray(wanted, jnp.int32)
+  n, b = wanted.shape
+  owner = wanted // rows_per_device
+  mine = owner == me  # (n, b): what each device asks of me
+  send_sizes = mine.sum(axis=1).astype(jnp.int32)
+  input_offsets = (jnp.cumsum(send_sizes) - send_sizes).astype(jnp.int32)
+  order = jnp.argsort(~mine.reshape(-1), stable=True)  # the asked-for entries first, in (d, j) order
+  send_rows = jnp.clip(wanted.reshape(-1)[order] - me * rows_per_device, 0, rows_per_device - 1)
+  output_offsets = (owner < me).sum(axis=1).astype(jnp.int32)  # d's rows from devices before me come first
+  mine_asked = jax.nn.one_hot(owner[me], n, dtype=jnp.int32)  # (b, n): the owner of each of my requests
+  recv_sizes = mine_asked.sum(axis=0)
+  start = jnp.cumsum(recv_sizes) - recv_sizes
+  rank = jnp.take_along_axis(jnp.cumsum(mine_asked, axis=0) - mine_asked, owner[me][:, None], axis=1)[:, 0]
+  return dict(send_rows=send_rows.astype(jnp.int32), input_offsets=input_offsets, send_sizes=send_sizes,
+              output_offsets=output_offsets, recv_sizes=recv_sizes.astype(jnp.int32),
+              back=(start[owner[me]] + rank).astype(jnp.int32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _ragged_take(x, idx, axis):
+  """Rows `idx` of the global batch of `x` (rows split over `axis`), received through one ragged
+  all-to-all: each device sends exactly the rows others asked of it. Its gradient (a trainable
+  tower upstream) goes back through a reduce-scatter of the global batch's rows."""
+  b = x.shape[0]
+  plan = exchange_plan(jax.lax.all_gather(idx, axis), jax.lax.axis_index(axis), b)
+  out = jnp.zeros((b,) + x.shape[1:], x.dtype)
+  got = jax.lax.ragged_all_to_all(x[plan["send_rows"]], out, plan["input_offsets"], plan["send_sizes"],
+                                  plan["output_offsets"], plan["recv_sizes"], axis_name=axis)
+  return got[plan["back"]]
+
+
+def _ragged_take_fwd(x, idx, axis):
+  return _ragged_take(x, idx, axis), (idx, x.shape[0])
+
+
+def _ragged_take_bwd(axis, res, ct):
+  idx, b = res
+  full = jnp.zeros((jax.lax.axis_size(axis) * b,) + ct.shape[1:], ct.dtype).at[idx].add(ct)
+  return jax.lax.psum_scatter(full, axis, scatter_dimension=0, tiled=True), None
+
+
+_ragged_take.defvjp(_ragged_take_fwd, _ragged_take_bwd)
+
+
+class _Rows:
+  """Where a stage-1 loss's rows sit: the whole global batch (axis None), or one device's share of
+  it inside a per-device step (jax.shard_map) whose batch is split over the mesh axes `axis`, as
+  `jax.lax.all_gather(..., tiled=True)` concatenates them."""
+
+  def __init__(self, axis, n_local: int):
+    self.axis = axis
+    self.devices = 1 if axis is None else jax.lax.axis_size(axis)
+    self.offset = 0 if axis is None else jax.lax.axis_index(axis) * n_local
+    self.local = n_local
+    self.global_n = n_local * self.devices
+
+  def all_rows(self, x):
+    """The global batch of a per-row array."""
+    return x if self.axis is None else jax.lax.all_gather(x, self.axis, axis=0, tiled=True)
+
+  def mine(self, idx):
+    """This device's rows of a global (N,) vector."""
+    idx = jnp.asarray(idx)
+    return idx if self.axis is None else jax.lax.dynamic_slice_in_dim(idx, self.offset, self.local)
+
+  def take(self, x, idx, exchange: str = "all_gather"):
+    """Rows `idx` (indices into the global batch) of the global batch of `x`: from its all-gather,
+    or (exchange "ragged") only those rows, through one ragged all-to-all."""
+    if self.axis is None or self.devices == 1:
+      return x[idx - self.offset]
+    if exchange == "ragged":
+      return _ragged_take(x, idx, self.axis)
+    return self.all_rows(x)[idx]
+
+  def total(self, x):
+    return x if self.axis is None else jax.lax.psum(x, self.axis)
+
+  def dropout_key(self, key):
+    # each device draws its own masks for its own rows
+    return key if self.axis is None or key is None else jax.random.fold_in(key, jax.lax.axis_index(self.axis))
+
+
 def stage1_losses(model, params, lm_head_params, temp, batch, rng=None, *, bos_token_id: int,
                   deterministic: bool = True, label_smoothing: float = 0.1,
                   itc_full_gradient: bool = False, neg_image_idx=None, neg_text_idx=None,
-                  temp_range: tuple[float, float] | None = None):
+                  temp_range: tuple[float, float] | None = None, axis_name=None,
+                  row_exchange: str = "all_gather"):
   """BLIP-2 stage 1 loss -> (total, {"itc", "itm", "itg"}), total = itc + itm + itg (LAVIS).
 
   model: a `Blip2ForImageTextRetrieval`; params: its params (the HF layout, incl. `embeddings`,
@@ -112,6 +215,21 @@ def stage1_losses(model, params, lm_head_params, temp, batch, rng=None, *, bos_t
   neg_image_idx / neg_text_idx ((N,) indices into the batch) are given.
   temp_range: LAVIS 1.0.2's BLIP-2 does NOT clamp temp (BLIP-1 clamps to (0.001, 0.5)); give a
   range to clip it here (no gradient outside the range) or clip the stored value after the update.
+
+  axis_name: None: `batch` is the global batch (under jax.jit, the similarities and the
+  hard-negative gather span every device through XLA's partitioner). A mesh axis name or tuple
+  of names: this runs inside jax.shard_map on one device's rows of the global batch (split over
+  those axes in order), gathers what spans the batch itself (ITC features, the hard negatives'
+  rows) and returns this device's SHARE of each value: their psum over `axis_name` is the global
+  loss, and so is the psum of their gradients (the gathered sides carry no gradient unless
+  itc_full_gradient, whose all-gather transposes to the reduce-scatter that routes it). The hard
+  negatives are the same draws as on the global batch; neg_image_idx / neg_text_idx, when given,
+  are still the global (N,) vectors. Dropout masks are drawn per device (fold_in of its index).
+  row_exchange: how the ViT rows of the hard-negative images reach the device that pairs them:
+  "all_gather" (the whole global batch's rows, as LAVIS; any backend) or "ragged" (exactly the rows
+  each device needs, one jax.lax.ragged_all_to_all: ~B rows per device instead of N; TPU, as
+  XLA:CPU has no ragged all-to-all; train.step.row_exchange picks). The text rows are small and
+  always all-gathered.
 
   ITC: label-smoothed CE both ways on the global similarity (see `itc_logits`). ITM: negatives
   from `sample_hard_negatives` on the ITC similarities; 3N pairs (pos, neg image, neg text),
@@ -127,10 +245,13 @@ def stage1_losses(model, params, lm_head_params, temp, batch, rng=None, *, bos_t
   mask = batch.get("attention_mask")
   mask = jnp.ones(ids.shape, jnp.int32) if mask is None else jnp.asarray(mask).astype(jnp.int32)
   n = ids.shape[0]
+  if row_exchange not in ROW_EXCHANGES:
+    raise ValueError(f"row_exchange must be one of {ROW_EXCHANGES}, got {row_exchange!r}")
+  rows = _Rows(axis_name, n)
   k_neg, k_img, k_txt, k_itm, k_itg = _split(rng, len(STAGE1_RNG_STREAMS))
 
   def apply(method, *args, key=None):
-    rngs = None if deterministic else {"dropout": key}
+    rngs = None if deterministic else {"dropout": rows.dropout_key(key)}
     return model.apply({"params": params}, *args, method=method, deterministic=deterministic,
                        rngs=rngs)
 
@@ -140,35 +261,41 @@ def stage1_losses(model, params, lm_head_params, temp, batch, rng=None, *, bos_t
   _, text_feat = apply("text_features", ids, mask, key=k_txt)
   image_embeds = vis["last_hidden_state"]
 
-  # ---- ITC
+  # ---- ITC: means over the global rows, as sums here over rows.global_n
   if temp_range is not None:
     temp = jnp.clip(temp, *temp_range)
-  itc, (sim_i2t, sim_t2i) = itc_loss(image_feats, text_feat, temp, label_smoothing=label_smoothing,
-                                      full_gradient=itc_full_gradient)
+  sim_i2t, sim_t2i = itc_logits(image_feats, text_feat, temp, full_gradient=itc_full_gradient,
+                                all_rows=None if axis_name is None else rows.all_rows)
+  targets = rows.offset + jnp.arange(n)
+  itc = (cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing, reduction="sum") / rows.global_n
+         + cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing, reduction="sum") / rows.global_n) / 2
 
   # ---- ITM
   if neg_image_idx is None or neg_text_idx is None:
     if k_neg is None:
       raise ValueError("give rng (hard-negative sampling) or both neg_image_idx and neg_text_idx")
-    sampled_img, sampled_txt = sample_hard_negatives(k_neg, sim_i2t, sim_t2i)
-    neg_image_idx = sampled_img if neg_image_idx is None else neg_image_idx
-    neg_text_idx = sampled_txt if neg_text_idx is None else neg_text_idx
-  neg_image_idx = jnp.asarray(neg_image_idx)
-  neg_text_idx = jnp.asarray(neg_text_idx)
-  embeds_all = jnp.concatenate([image_embeds, image_embeds[neg_image_idx], image_embeds], axis=0)
-  ids_all = jnp.concatenate([ids, ids, ids[neg_text_idx]], axis=0)
-  mask_all = jnp.concatenate([mask, mask, mask[neg_text_idx]], axis=0)
+    sampled_img, sampled_txt = sample_hard_negatives(k_neg, sim_i2t, sim_t2i, row_offset=rows.offset)
+    neg_image_idx = sampled_img if neg_image_idx is None else rows.mine(neg_image_idx)
+    neg_text_idx = sampled_txt if neg_text_idx is None else rows.mine(neg_text_idx)
+  else:
+    neg_image_idx, neg_text_idx = rows.mine(neg_image_idx), rows.mine(neg_text_idx)
+  neg_embeds = rows.take(image_embeds, neg_image_idx, row_exchange)
+  embeds_all = jnp.concatenate([image_embeds, neg_embeds, image_embeds], axis=0)
+  ids_all = jnp.concatenate([ids, ids, rows.take(ids, neg_text_idx)], axis=0)
+  mask_all = jnp.concatenate([mask, mask, rows.take(mask, neg_text_idx)], axis=0)
   itm_logits, _ = apply("itm_logits", embeds_all, ids_all, mask_all, key=k_itm)
   itm_labels = jnp.concatenate([jnp.ones((n,), jnp.int32), jnp.zeros((2 * n,), jnp.int32)])
-  itm = cross_entropy(itm_logits, itm_labels)
+  itm = cross_entropy(itm_logits, itm_labels, reduction="sum") / (3 * rows.global_n)
 
-  # ---- ITG
+  # ---- ITG: a token mean over the global batch
   dec_ids = ids.at[:, 0].set(bos_token_id)
   hidden = apply("itg_hidden", image_embeds, dec_ids, mask, key=k_itg)
   table = params["embeddings"]["word_embeddings"]["embedding"]
   lm_logits = Q.QFormerLMHead(model.config.qformer).apply({"params": lm_head_params}, hidden, table)
-  labels = jnp.where(mask > 0, dec_ids, IGNORE)
-  itg = cross_entropy(lm_logits[:, :-1], labels[:, 1:], label_smoothing=label_smoothing)
+  labels = jnp.where(mask > 0, dec_ids, IGNORE)[:, 1:]
+  tokens = rows.total(jnp.sum(labels != IGNORE))
+  itg = (cross_entropy(lm_logits[:, :-1], labels, label_smoothing=label_smoothing, reduction="sum")
+         / jnp.maximum(tokens, 1).astype(jnp.float32))
 
   return itc + itm + itg, {"itc": itc, "itm": itm, "itg": itg}
 

@@ -12,9 +12,20 @@ computed: a frozen ViT (nothing before it trains) gets no backward pass at all, 
 the input gradients the Q-Former needs (tests/train/test_optim.py counts the traced matmuls).
 Mixed precision: the model computes in its config dtype (e.g. from_pretrained(dtype=bf16)); the
 trainable leaves stay float32 master weights, frozen ones may be stored in `frozen_dtype`.
+
+Per-device gradients: when every parameter is replicated (a data-parallel mesh) and the loss has a
+per-device form (`stage1_loss_fn`'s `per_device`), `jit_train_step` computes the loss and its
+gradient inside jax.shard_map on each device's rows and sums the gradients with ONE psum. Under
+XLA's partitioner alone, every weight-gradient matmul over the batch-sharded rows is all-reduced
+where it is computed, inside the backward layer loop of each pass; stage 1 runs the Q-Former four
+times (ITC image, ITC text, ITM, ITG), so its gradients crossed the network four times (2.7x the
+gradient bytes; benchmarks/RESULTS.md, "TPU, compiled ahead of time"). XLA's all-reduce
+reassociation does not reach into the loops, whose per-layer results are stacked, not summed.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Callable
 
 import flax
@@ -33,6 +44,8 @@ from blip2_jax.train import losses, optim
 
 LossFn = Callable[[dict, dict, jax.Array], tuple[jax.Array, dict]]
 BATCH_AXES = ("data", "fsdp")
+# the mesh of a data-parallel step being traced by jit_train_step (see make_train_step)
+_PER_DEVICE_MESH: contextvars.ContextVar = contextvars.ContextVar("per_device_mesh", default=None)
 
 
 @flax.struct.dataclass
@@ -48,12 +61,26 @@ class TrainState:
 
 
 def stage1_loss_fn(model, *, bos_token_id: int, deterministic: bool = False, **loss_kw) -> LossFn:
-  """ITC + ITM + ITG on {"model", "qformer_lm_head", "temp"}; metrics: itc, itm, itg, temp."""
+  """ITC + ITM + ITG on {"model", "qformer_lm_head", "temp"}; metrics: itc, itm, itg, temp.
+
+  `.per_device(params, rows, rng, axis_name, row_exchange)`: the same loss on one device's rows
+  inside jax.shard_map -> (share, (summed metrics, replicated metrics)); psum over `axis_name` of
+  the share, of its gradient and of the summed metrics gives the global values
+  (losses.stage1_losses)."""
+  def run(params, batch, rng, **kw):
+    return losses.stage1_losses(model, params["model"], params["qformer_lm_head"], params["temp"],
+                                batch, rng, bos_token_id=bos_token_id, deterministic=deterministic,
+                                **kw, **loss_kw)
+
   def fn(params, batch, rng):
-    total, parts = losses.stage1_losses(model, params["model"], params["qformer_lm_head"], params["temp"],
-                                        batch, rng, bos_token_id=bos_token_id, deterministic=deterministic,
-                                        **loss_kw)
+    total, parts = run(params, batch, rng)
     return total, dict(parts, temp=params["temp"])
+
+  def per_device(params, batch, rng, axis_name, row_exchange="all_gather"):
+    total, parts = run(params, batch, rng, axis_name=axis_name, row_exchange=row_exchange)
+    return total, (parts, dict(temp=params["temp"]))
+
+  fn.per_device = per_device
   return fn
 
 
@@ -168,7 +195,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_
   """
   if accum_steps < 1:
     raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-  grad_fn = jax.value_and_grad(lambda tp, fr, b, r: loss_fn(optim.merge(tp, fr), b, r), has_aux=True)
+  global_grad = jax.value_and_grad(lambda tp, fr, b, r: loss_fn(optim.merge(tp, fr), b, r), has_aux=True)
+  per_device = getattr(loss_fn, "per_device", None)
+
+  def grad_fn(tp, fr, b, r):
+    mesh = _PER_DEVICE_MESH.get()
+    if mesh is None or per_device is None:
+      return global_grad(tp, fr, b, r)
+    return _per_device_grad(per_device, mesh, tp, fr, b, r)
 
   def step(state: TrainState, batch: dict, rng: jax.Array):
     if accum_steps == 1:
@@ -205,10 +239,63 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, accum_
   return step
 
 
+# TPU device kinds whose slices above this many chips run with "limited ICI routing", where the TPU
+# compiler (libtpu 0.0.42) refuses a ragged all-to-all: v5e above 16 chips (v5e-64 and v5e-256 are
+# refused, v5e-16 compiles; so do v4-64, v5p-256 and v6e-256)
+_NO_RAGGED_ABOVE = {"TPU v5 lite": 16, "TPU v5e": 16}
+
+
+def row_exchange(mesh) -> str:
+  """How stage 1's per-device step fetches the rows of other devices (the hard negatives):
+  "ragged" (only the rows asked for, one ragged all-to-all) on TPU slices whose compiler accepts it,
+  else "all_gather" (the whole global batch's rows: XLA:CPU has no ragged all-to-all, GPUs keep the
+  all-gather)."""
+  dev = mesh.devices.flat[0]
+  if dev.platform != "tpu" or mesh.devices.size > _NO_RAGGED_ABOVE.get(dev.device_kind, mesh.devices.size):
+    return "all_gather"
+  return "ragged"
+
+
+def _per_device_grad(per_device, mesh, trainable, frozen, batch, rng):
+  """((loss, metrics), grads) of `per_device` summed over the devices of `mesh` (parameters
+  replicated, batch rows split over BATCH_AXES): the gradients are reduced once, after every pass."""
+  exchange = row_exchange(mesh)
+
+  def body(tp, fr, b, r):
+    def share(tp):
+      return per_device(optim.merge(tp, fr), b, r, BATCH_AXES, exchange)
+    # logical sharding constraints name mesh axes that are manual in here: none apply per device
+    with nn.logical_axis_rules(()):
+      (loss, (summed, kept)), grads = jax.value_and_grad(share, has_aux=True)(tp)
+    loss, summed, grads = jax.lax.psum((loss, summed, grads), BATCH_AXES)
+    return (loss, dict(summed, **kept)), grads
+
+  # check_vma off: gradients w.r.t. the replicated parameters stay per-device inside (the one psum
+  # above sums them), instead of a psum at every use of a parameter in the layer loops
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(BATCH_AXES), P()), out_specs=P(),
+                       check_vma=False)(trainable, frozen, batch, rng)
+
+
+def _replicated(shardings) -> bool:
+  is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+  return all(s.is_fully_replicated for s in jax.tree.leaves(shardings, is_leaf=is_sh))
+
+
+@contextlib.contextmanager
+def _per_device_mesh(mesh):
+  token = _PER_DEVICE_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _PER_DEVICE_MESH.reset(token)
+
+
 def jit_train_step(step, mesh, state: TrainState, *, rules=shd.DEFAULT_RULES, donate: bool = True):
   """`step` compiled over `mesh`: the state keeps its shardings, batches are split over
   (data, fsdp), metrics come back replicated; activations follow the modules' logical
-  constraints under `rules`. The old state's buffers are donated.
+  constraints under `rules`. The old state's buffers are donated. When the state is replicated
+  (data parallel), a `make_train_step` step whose loss has a per-device form computes its
+  gradients per device and reduces them once (see the module docstring).
 
   `state`: a placed TrainState (its arrays' shardings are used) or a TrainState of shardings
   (`state_shardings(...)`)."""
@@ -216,9 +303,11 @@ def jit_train_step(step, mesh, state: TrainState, *, rules=shd.DEFAULT_RULES, do
   leaves = jax.tree.leaves(state, is_leaf=is_sh)
   st_sh = state if leaves and all(is_sh(x) for x in leaves) else state_shardings(state)
   repl = NamedSharding(mesh, P())
+  # every parameter whole on every device: losses with a per-device form reduce their gradients once
+  dp_mesh = mesh if _replicated(st_sh.trainable) and _replicated(st_sh.frozen) else None
 
   def run(state, batch, rng):
-    with nn.logical_axis_rules(rules):
+    with nn.logical_axis_rules(rules), _per_device_mesh(dp_mesh):
       return step(state, batch, rng)
 
   jitted = jax.jit(run, in_shardings=(st_sh, batch_sharding(mesh), repl), out_shardings=(st_sh, repl),
