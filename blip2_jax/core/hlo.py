@@ -295,6 +295,26 @@ def _trip_count(ins: Instr, comps, defs: dict[str, Instr]) -> int | None:
   return trips if trips and trips > 0 else None
 
 
+def _loop(ins: Instr, comps, defs: dict[str, Instr], notes: list[str], what: str) -> tuple[str | None, int]:
+  """(body computation, trip count) of a `while`; an unknown trip count is 1, with a note."""
+  body = re.search(r"body=%([\w.\-]+)", ins.attrs)
+  trips = _trip_count(ins, comps, defs)
+  if trips is None:
+    notes.append(f"trip count of {ins.name} unknown: its {what} are counted once")
+    trips = 1
+  return (body.group(1) if body else None), trips
+
+
+def _callees(ins: Instr) -> list[str]:
+  """The computations a fusion / call / conditional / async-start runs (every branch of a
+  conditional: an upper bound)."""
+  called = re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)", ins.attrs)
+  branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+  if branches:
+    called += re.findall(r"%([\w.\-]+)", branches.group(1))
+  return called
+
+
 def collectives(text: str, mesh) -> tuple[list[Collective], list[str]]:
   """The collectives of compiled HLO `text` over `mesh` (a jax Mesh) -> (collectives, notes)."""
   comps, entry = parse_module(text)
@@ -341,19 +361,11 @@ def collectives(text: str, mesh) -> tuple[list[Collective], list[str]]:
         record(kind, ins, nbytes, mult, in_loop, piece=piece)
         continue
       if ins.opcode == "while":
-        body_name = re.search(r"body=%([\w.\-]+)", ins.attrs)
-        trips = _trip_count(ins, comps, defs)
-        if trips is None:
-          notes.append(f"trip count of {ins.name} unknown: its collectives are counted once")
-          trips = 1
+        body_name, trips = _loop(ins, comps, defs, notes, "collectives")
         if body_name:
-          walk(body_name.group(1), mult * trips, True, seen + (comp,))
+          walk(body_name, mult * trips, True, seen + (comp,))
       elif ins.opcode == "fusion" or ins.opcode.startswith("async-start") or ins.opcode in ("call", "conditional"):
-        called = re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)", ins.attrs)
-        branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
-        if branches:  # every branch counted: an upper bound
-          called += re.findall(r"%([\w.\-]+)", branches.group(1))
-        for c in called:
+        for c in _callees(ins):
           if c.startswith("all-reduce-scatter"):  # TPU: all-reduce + per-device slice = a reduce-scatter
             ar = next((i for i in comps.get(c, []) if i.opcode in ("all-reduce", "all-reduce-start")), None)
             if ar is not None:
@@ -651,20 +663,12 @@ def op_costs(text: str) -> tuple[list[OpCost], list[str]]:
       if op in _FREE or op in _OPCODES or op in _DONE:
         continue
       if op == "while":
-        body_name = re.search(r"body=%([\w.\-]+)", ins.attrs)
-        trips = _trip_count(ins, comps, defs)
-        if trips is None:
-          notes.append(f"trip count of {ins.name} unknown: its ops are counted once")
-          trips = 1
+        body_name, trips = _loop(ins, comps, defs, notes, "ops")
         if body_name:
-          walk(body_name.group(1), mult * trips, True, seen + (comp,))
+          walk(body_name, mult * trips, True, seen + (comp,))
         continue
       if op in ("call", "conditional") or op.startswith("async-start"):
-        called = re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%([\w.\-]+)", ins.attrs)
-        branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
-        if branches:  # every branch counted: an upper bound
-          called += re.findall(r"%([\w.\-]+)", branches.group(1))
-        for c in called:
+        for c in _callees(ins):
           walk(c, mult, in_loop, seen + (comp,))
         continue
       if op == "fusion" and _is_collective_fusion(comps, ins):
