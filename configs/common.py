@@ -131,7 +131,7 @@ def tiny(c: ml_collections.ConfigDict, family: str | None) -> ml_collections.Con
   c.tokenizer.qformer = "tiny:bert"
   c.tokenizer.llm = f"tiny:{family}" if family else ""
   c.data.source = "shapes"
-  c.data.augment = False  # flips and crops would falsify "on the left" / "three circles"
+  c.data.augment = False  # flips and crops would falsify "at the top left" / "three circles"
   c.data.num_records = 64
   c.data.max_txt_len = 12
   c.global_batch_size = 8

@@ -6,10 +6,11 @@
         --config.model.pretrained=runs/demo/stage1/hf --config.model.language_model=SMOLLM2_DIR
 
 A CPU-sized BLIP-2 on generated scenes (data/synthetic.py, held-out colour-shape pairs):
-  * ViT: 4 layers of width 256 on 64 px images (8 px patches: 64 tokens), randomly initialised -- no real ViT
-    ships on PyPI -- so stage 1 trains it with the Q-Former (BLIP-2 proper freezes a pretrained one);
+  * ViT: 4 layers of width 256 on 64 px images (16 px patches: 16 tokens, one per cell of the scenes'
+    grid, so each shape is one patch), randomly initialised -- no real ViT ships on PyPI -- so stage 1
+    trains it with the Q-Former (BLIP-2 proper freezes a pretrained one);
   * Q-Former: all-MiniLM-L6-v2 (6 layers, width 384) with 8 queries (the paper's 32 are for 257
-    ViT-g tokens; 64 patches of a flat scene need fewer), cross-attention every 2nd layer;
+    ViT-g tokens; 16 patches of a flat scene need fewer), cross-attention every 2nd layer;
   * stage 2: ViT frozen, SmolLM2-135M-Instruct frozen (LLaMA), Q-Former + projection trained, with
     the prompt "a photo of" (LAVIS's caption prompt): SmolLM2's tokenizer adds no BOS, so without a
     prompt the caption's first word would have to come from the last query alone, which 100 steps
@@ -19,7 +20,11 @@ Everything computes in float32: XLA:CPU has no fast bfloat16 matmuls.
 from configs import common
 
 PROMPT = "a photo of"
-VISION = dict(image_size=64, patch_size=8, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+# stage-1 learning-rate multipliers: the ViT (from scratch: 9e-4; a probe of it at 2e-3 stops learning
+# position) and the Q-Former's parts that BERT lacks (cross-attention, queries, ITC / ITM / ITG heads)
+NEW_PARTS_LR_SCALES = ((common.FROZEN_VIT, 3.0), (r".*crossattention.*", 5.0), (r".*query_tokens.*", 5.0),
+                       (r".*(vision_proj|text_proj|itm_head).*", 5.0), (r"qformer_lm_head/.*", 5.0))
+VISION = dict(image_size=64, patch_size=16, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
               intermediate_size=1024)
 
 
@@ -35,8 +40,8 @@ def get_config(arg=None):
   c.model.dropout = False  # a few hundred steps: dropout only slows learning down
   c.data.source = "shapes"
   c.data.num_records = 4096
-  c.data.augment = False   # a flip turns "on the left" into a wrong caption, a crop can drop a shape
-  c.data.max_txt_len = 8  # the longest scene caption: 8 BERT tokens with [CLS] / [SEP], 7 SmolLM2 with EOS
+  c.data.augment = False   # a flip turns "at the top left" into a wrong caption, a crop can drop a shape
+  c.data.max_txt_len = 9  # the longest scene caption in BERT tokens with [CLS] / [SEP] (stage 2: demo.stage2_text_len)
   c.global_batch_size = a.batch
   c.eval_every = -1        # the demo evaluates before and after each stage itself
   c.log_every = 20
@@ -45,15 +50,16 @@ def get_config(arg=None):
   if a.stage == 1:
     c.model.architecture = "Blip2ForImageTextRetrieval"
     c.frozen = []          # the random ViT must learn too (see the module docstring)
-    c.total_steps = a.steps or 200
-    # 3x LAVIS's 1e-4 (1e-3 everywhere collapses ITC to chance within 60 steps), and 3x that for
-    # the ViT, which starts from scratch next to a pretrained BERT
+    c.total_steps = a.steps or 300
+    # 3x LAVIS's 1e-4 for MiniLM's pretrained weights (1e-3 keeps ITC at chance for 60+ steps); the
+    # parts BERT does not have start from random weights and learn at 3-5x that
     c.optim.update(lr=3e-4, min_lr=3e-5, warmup_steps=20, warmup_init=1e-5)
-    c.optim.lr_scales = ((r"model/vision_model/.*", 3.0),)
+    c.optim.lr_scales = NEW_PARTS_LR_SCALES
   else:
     c.model.family = "llama"
     c.frozen = [common.FROZEN_VIT, common.FROZEN_LLM]
     c.loss.prompt = PROMPT
-    c.total_steps = a.steps or 100
+    c.total_steps = a.steps or 200
     c.optim.update(lr=5e-4, min_lr=5e-5, warmup_steps=10, warmup_init=1e-5)
+    c.optim.lr_scales = ((r"model/language_projection/.*", 4.0),)  # new and random, as in stage 1
   return c

@@ -23,13 +23,30 @@ def test_eval_scenes_split_seen_and_held_out_pairs():
     demo.eval_scenes(64, "test")
 
 
+def test_scene_shapes_fill_cells_of_their_quadrant():
+  """Each shape is centred in its own grid cell of the caption's quadrant: count and position are
+  which cells differ from the background."""
+  for size in (32, 64):
+    cell = size // synthetic.GRID
+    for position in synthetic.POSITIONS:
+      own = set(synthetic.cells(position))
+      assert len(own) == (synthetic.GRID // 2) ** 2
+      for n, count in enumerate(synthetic.COUNTS, 1):
+        img = synthetic.render(count, "blue", "square", position, size=size, rng=np.random.default_rng(n))
+        bg = img[0, 0] if (0, 0) not in own else img[-1, -1]
+        used = {(i, j) for i in range(synthetic.GRID) for j in range(synthetic.GRID)
+                if (np.abs(img[j * cell:(j + 1) * cell, i * cell:(i + 1) * cell].astype(int) - bg).sum(-1) > 30).any()}
+        assert len(used) == n and used <= own, (size, position, count, used)
+
+
 def test_attribute_accuracy_and_exact_match():
-  attrs = [dict(count="two", color="red", shape="circle", position="on the left")] * 3
-  preds = ["two red circles on the left", "two red squares on the left.", "three red and blue circles at the top"]
+  attrs = [dict(count="two", color="red", shape="circle", position="at the top left")] * 3
+  preds = ["two red circles at the top left", "two red squares at the top left.",
+           "three red and blue circles at the top right"]
   acc = demo.attribute_accuracy(preds, attrs)
   assert acc["count"] == pytest.approx(200 / 3) and acc["color"] == pytest.approx(200 / 3)
   assert acc["shape"] == pytest.approx(200 / 3) and acc["position"] == pytest.approx(200 / 3)
-  assert demo.exact_match(preds, ["Two red circles on the left."] * 3) == pytest.approx(100 / 3)
+  assert demo.exact_match(preds, ["Two red circles at the top left."] * 3) == pytest.approx(100 / 3)
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
@@ -56,6 +73,23 @@ def _tiny_towers(root):
   return bert, llm
 
 
+def test_stage2_rows_hold_every_caption_and_its_eos(tmp_path):
+  """stage2_text_len is wide enough that no caption loses its last word or the EOS that teaches the
+  LLM to stop; one token fewer would cut the longest."""
+  from blip2_jax.data import processing
+  from blip2_jax.train import losses
+  _, llm = _tiny_towers(str(tmp_path))
+  tok = processing.load_tokenizer(llm)
+  caps = [synthetic.caption_of(n, c, s, p) for n in synthetic.COUNTS for c in synthetic.COLORS
+          for s in synthetic.SHAPES for p in synthetic.POSITIONS]
+  width = demo.stage2_text_len(tok, demo._recipe().PROMPT, "llama")
+  rows = losses.build_stage2_batch(tok, caps, "llama", prompt=demo._recipe().PROMPT, max_len=width)
+  last = rows["input_ids"][np.arange(len(caps)), rows["attention_mask"].sum(1) - 1]
+  assert (last == tok.eos_token_id).all()
+  short = losses.build_stage2_batch(tok, caps, "llama", prompt=demo._recipe().PROMPT, max_len=width - 1)
+  assert not (short["input_ids"][np.arange(len(caps)), short["attention_mask"].sum(1) - 1] == tok.eos_token_id).all()
+
+
 def test_demo_runs_end_to_end_on_tiny_towers(tmp_path, capsys):
   bert, llm = _tiny_towers(str(tmp_path / "towers"))
   work = tmp_path / "run"
@@ -70,6 +104,10 @@ def test_demo_runs_end_to_end_on_tiny_towers(tmp_path, capsys):
       assert {"img->txt R@1", "txt->img R@1", "caption exact", "count", "color", "shape", "position"} <= set(s[k][split])
   assert {"caption exact", "color"} <= set(s["stage2_after"]["held-out pairs"])
   assert set(s["photos"]) == set(demo.PHOTOS)
+  # the figure (both loss curves, the metrics) lies next to summary.json and the last line says where
+  # (matplotlib, which draws it, is a test extra)
+  assert s["figure"] == str(work / "summary.png") and os.path.getsize(work / "summary.png") > 0
+  assert f"in {work / 'summary.png'}" in out
   # both stages exported HF directories that load back; stage 2 was built from stage 1's Q-Former
   import blip2_jax
   m2, _ = blip2_jax.from_pretrained(str(work / "stage2" / "hf"))

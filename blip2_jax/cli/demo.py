@@ -10,7 +10,9 @@
      per-attribute accuracy on two sets of 48 new scenes with distinct captions: "seen pairs"
      (colour-shape pairs training shows, new images) and "held-out pairs" (every caption whose
      colour and shape training never shows together: composition, not memorisation); then it
-     captions a few real photos from scikit-image with the LLM writing the words.
+     captions a few real photos from scikit-image with the LLM writing the words;
+  4. it saves summary.json and summary.png (both stages' loss curves, the metrics before / after) in
+     --workdir and prints where they are.
 Stages run through `blip2_jax.train.loop.train` (the recipe is configs/demo.py) and export HF
 directories (workdir/stage{1,2}/hf) that `python -m blip2_jax.caption` and transformers load.
 A re-run resumes each stage from its checkpoints (--fresh starts over).
@@ -33,7 +35,7 @@ from blip2_jax.checkpoints import hf
 from blip2_jax.data import processing
 from blip2_jax.data import synthetic as syn
 from blip2_jax.data.transforms import pre_caption
-from blip2_jax.train import loop, recipe_module
+from blip2_jax.train import loop, losses, recipe_module
 from blip2_jax.train import setup as setup_lib
 from blip2_jax.train.evaluate import recall_at
 
@@ -102,14 +104,35 @@ def smollm2_dir(cache_dir: str) -> str:
   return out
 
 
+def sincos_positions(grid: int, dim: int) -> np.ndarray:
+  """(1 + grid * grid, dim) 2-D sine-cosine position embeddings (MAE's `get_2d_sincos_pos_embed`; the
+  first row, the class token's, is zero): half the channels encode the row, half the column."""
+  if dim % 4:
+    raise ValueError(f"sine-cosine positions need a width divisible by 4, got {dim}")
+  freqs = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))
+  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+
+  def enc(pos):
+    angles = pos.reshape(-1, 1) * freqs[None]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+  return np.concatenate([np.zeros((1, dim)), np.concatenate([enc(rows), enc(cols)], axis=1)]).astype(np.float32)
+
+
 def vision_dir(path: str, vision: dict, seed: int = 0) -> str:
-  """A randomly initialised Blip2VisionModel directory (the demo's ViT)."""
+  """A randomly initialised Blip2VisionModel directory (the demo's ViT): weights N(0, 0.02) as a ViT
+  trained from scratch (HF's BLIP-2 default, 1e-10, leaves it a constant function that takes
+  hundreds of steps to wake up) and 2-D sine-cosine position embeddings (MAE, MoCo v3), so that
+  "at the top left" is in the patch features from the first step rather than learned from noise."""
   if os.path.exists(os.path.join(path, "config.json")):
     return path
   import torch
   import transformers
   torch.manual_seed(seed)
-  model = transformers.Blip2VisionModel(transformers.Blip2VisionConfig(**vision))
+  model = transformers.Blip2VisionModel(transformers.Blip2VisionConfig(**{"initializer_range": 0.02, **vision}))
+  emb = model.embeddings
+  with torch.no_grad():
+    grid = vision["image_size"] // vision["patch_size"]
+    emb.position_embedding.copy_(torch.from_numpy(sincos_positions(grid, emb.embed_dim))[None])
   model.save_pretrained(path)
   return path
 
@@ -194,6 +217,59 @@ def _examples(caps: list[str], preds: list[str], n: int = 6) -> str:
   return "\n".join(f"  truth: {caps[i]:<28} predicted: {preds[i]!r}" for i in idx)
 
 
+def read_curves(workdir: str) -> list[dict]:
+  """The training rows (those with a loss) of WORKDIR/metrics.jsonl, as the loop writes them."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if "loss" in r]
+
+
+FIGURE_METRICS = (("stage1", "img->txt R@1", "stage 1 R@1 image->text"),
+                  ("stage1", "txt->img R@1", "stage 1 R@1 text->image"),
+                  ("stage2", "caption exact", "stage 2 caption exact"), ("stage2", "count", "stage 2 count"),
+                  ("stage2", "color", "stage 2 colour"), ("stage2", "shape", "stage 2 shape"),
+                  ("stage2", "position", "stage 2 position"))
+
+
+def save_figure(path: str, curves: dict, results: dict, chance: dict) -> str | None:
+  """One PNG: both stages' loss curves (curves: {"stage1": rows, "stage2": rows} from read_curves) and
+  the before / after metrics of each evaluation split (results: the demo's summary). None, with a
+  note, when matplotlib is missing (it comes with the test extras)."""
+  try:
+    from matplotlib.figure import Figure  # optional (a test extra); no pyplot: no global backend, notebook-safe
+  except ImportError:
+    _say("no figure: matplotlib is not installed (pip install matplotlib)")
+    return None
+  fig = Figure(figsize=(13, 8.5), layout="constrained")
+  (a1, a2), (b1, b2) = fig.subplots(2, 2)
+  for key in ("loss", "itc", "itm", "itg"):
+    rows = [r for r in curves.get("stage1", []) if key in r]
+    a1.plot([r["step"] for r in rows], [r[key] for r in rows], label="total" if key == "loss" else key.upper(),
+            lw=2 if key == "loss" else 1.2)
+  a1.set(title="stage 1: ViT + Q-Former (ITC + ITM + ITG)", xlabel="step", ylabel="loss")
+  a1.legend()
+  rows = curves.get("stage2", [])
+  a2.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="tab:purple", lw=2)
+  a2.set(title="stage 2: Q-Former -> frozen LLM (LM loss)", xlabel="step", ylabel="loss")
+  labels = [name for _, _, name in FIGURE_METRICS]
+  y = np.arange(len(labels))
+  for ax, split in ((b1, SPLITS[0]), (b2, SPLITS[1])):
+    for off, when, colour in ((-0.2, "before", "tab:gray"), (0.2, "after", "tab:green")):
+      vals = [results[f"{stage}_{when}"][split][k] for stage, k, _ in FIGURE_METRICS]
+      ax.barh(y + off, vals, height=0.4, color=colour, label=f"{when} training")
+    ax.scatter([chance[k] for _, k, _ in FIGURE_METRICS], y, marker="|", s=300, color="black", label="chance",
+               zorder=3)
+    ax.set(title=f"{split}: {len(results['eval_captions'][split])} new scenes", xlabel="% right", xlim=(0, 100))
+    ax.set_yticks(y, labels if ax is b1 else [])
+    ax.invert_yaxis()
+  fig.legend(*b1.get_legend_handles_labels(), loc="outside lower center", ncols=3)
+  fig.savefig(path, dpi=100)
+  return path
+
+
 def photos() -> list[tuple[str, np.ndarray]]:
   import skimage.data
   return [(name, getattr(skimage.data, name)()) for name in PHOTOS]
@@ -214,6 +290,14 @@ def _recipe():
   return recipe_module("demo")
 
 
+def stage2_text_len(tokenizer, prompt: str, family: str) -> int:
+  """Tokens of the longest stage-2 row (prompt + caption + EOS) over every caption the scenes have: the
+  width that truncates none, so that training teaches the last word and where to stop."""
+  caps = [syn.caption_of(n, c, s, p) for n in syn.COUNTS for c in syn.COLORS for s in syn.SHAPES for p in syn.POSITIONS]
+  rows = losses.build_stage2_batch(tokenizer, caps, family, prompt=prompt, max_len=1 << 10)
+  return int(rows["attention_mask"].sum(axis=1).max())
+
+
 def _config(stage: int, args, towers: dict):
   c = _recipe().get_config(f"stage={stage},steps={args.stage1_steps if stage == 1 else args.stage2_steps},"
                         f"batch={args.batch}")
@@ -224,6 +308,7 @@ def _config(stage: int, args, towers: dict):
     c.model.pretrained = os.path.join(args.workdir, "stage1", "hf")
     c.model.language_model = c.tokenizer.llm = towers["llm"]
     c.tokenizer.qformer = towers["bert"]
+    c.data.max_txt_len = stage2_text_len(processing.load_tokenizer(towers["llm"]), c.loss.prompt, c.model.family)
   return c
 
 
@@ -284,7 +369,8 @@ def run(args) -> dict:
   before2 = each(stage2, st.model, st.params["model"], st.llm_tokenizer)
   ltok = st.llm_tokenizer
   del st
-  _say(f"stage 2: {c2.total_steps} steps of {c2.global_batch_size} scenes (LM loss through the frozen LLM)")
+  _say(f"stage 2: {c2.total_steps} steps of {c2.global_batch_size} scenes (LM loss through the frozen LLM; "
+       "ViT frozen, Q-Former trained)")
   loop.train(c2, os.path.join(args.workdir, "stage2"))
   s2 = os.path.join(args.workdir, "stage2", "hf")
   m2, p2 = hf.from_pretrained(s2)
@@ -303,10 +389,14 @@ def run(args) -> dict:
     print(f"    {name:<10} {p!r}")
 
   results.update(stage1_before=before1, stage1_after=after1, stage2_before=before2, stage2_after=after2,
-                 photos=dict(zip([n for n, _ in shots], preds)), seconds=time.time() - t0)
+                 photos=dict(zip([n for n, _ in shots], preds)))
+  curves = {f"stage{i}": read_curves(os.path.join(args.workdir, f"stage{i}")) for i in (1, 2)}
+  figure = save_figure(os.path.join(args.workdir, "summary.png"), curves, results, chance)
+  results.update(figure=figure, seconds=time.time() - t0)
   with open(os.path.join(args.workdir, "summary.json"), "w") as f:
     json.dump(results, f, indent=1)
-  _say(f"done in {(time.time() - t0) / 60:.1f} min; numbers in {args.workdir}/summary.json; the trained model "
+  _say(f"done in {(time.time() - t0) / 60:.1f} min; numbers in {args.workdir}/summary.json"
+       + (f", loss curves and metrics in {figure}" if figure else "") + f"; the trained model "
        f"is {s2} (python -m blip2_jax.caption --model {s2} --prompt '{c2.loss.prompt}' IMAGE)")
   return results
 
@@ -317,8 +407,8 @@ def main(argv=None) -> int:
   p.add_argument("--workdir", default="runs/demo", help="checkpoints, exported models, summary.json")
   p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "blip2_jax"),
                  help="where the converted SmolLM2 directory is kept")
-  p.add_argument("--stage1-steps", type=int, default=200)
-  p.add_argument("--stage2-steps", type=int, default=100)
+  p.add_argument("--stage1-steps", type=int, default=300)
+  p.add_argument("--stage2-steps", type=int, default=200)
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--fresh", action="store_true", help="delete --workdir first instead of resuming")
   p.add_argument("--bert", default="", help="another BERT directory for the Q-Former (default: MiniLM)")

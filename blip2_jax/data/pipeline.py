@@ -241,7 +241,7 @@ def make_train_loader(source, *, global_batch_size: int, image_size: int, seed: 
   (e.g. {"instruction", "response"}) gives those fields untouched and untokenised. `worker_count > 0` decodes in that many
   grain worker processes (the iterator state stays exact). `augment=False` replaces BLIP-2's
   RandomResizedCrop + flip by the eval transform (resize + normalise), for data whose captions a
-  crop or a flip would falsify ("on the left", "three circles"). Returns a `grain.IterDataset`;
+  crop or a flip would falsify ("at the top left", "three circles"). Returns a `grain.IterDataset`;
   `iter(...)` gives a `DatasetIterator` with `get_state` / `set_state` for checkpoints.
   """
   shard, per_process = _shard(shard_options, global_batch_size)

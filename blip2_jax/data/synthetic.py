@@ -1,8 +1,13 @@
 """Procedurally generated scenes with compositional captions: data that needs no download.
 
-Each scene holds `count` shapes of one colour in one region of a plain background, and its caption
-names all four attributes: "two red circles on the left". Scenes are a pure function of
+Each scene holds `count` shapes of one colour in one quadrant of a plain background, and its caption
+names all four attributes: "two red circles at the top left". Scenes are a pure function of
 (seed, index), so the source is random-access and every process / epoch sees the same images.
+
+Shapes sit in the cells of a GRID x GRID grid, one shape centred in each cell it uses; a quadrant is
+GRID / 2 x GRID / 2 cells, so its `count` shapes take `count` of its cells. With the demo ViT's patches
+one cell wide (64 px images, 16 px patches) every shape is one patch: what a patch shows does not depend
+on where the shape is, and count and position are which patches are not background.
 
 Held-out combinations measure generalisation rather than memorisation: `split="train"` never
 shows the (colour, shape) pairs in `HELD_OUT`, `split="test"` shows only them, so a model that
@@ -22,8 +27,11 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
           "purple": (140, 60, 190), "orange": (245, 140, 30)}
 SHAPES = ("circle", "square", "triangle")
 COUNTS = ("one", "two", "three")
-POSITIONS = {"on the left": (0.0, 0.0, 0.5, 1.0), "on the right": (0.5, 0.0, 1.0, 1.0),
-             "at the top": (0.0, 0.0, 1.0, 0.5), "at the bottom": (0.0, 0.5, 1.0, 1.0)}
+# position -> its quadrant (column, row), in halves of the image
+POSITIONS = {"at the top left": (0, 0), "at the top right": (1, 0), "at the bottom left": (0, 1),
+             "at the bottom right": (1, 1)}
+GRID = 4        # cells per side; a quadrant is GRID // 2 cells per side, so holds up to 4 shapes
+RADIUS = 0.1    # shape radius, a fraction of the image side (0.4 of a cell at GRID 4: shapes never touch)
 HELD_OUT = (("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle"))
 SPLIT_SALT = {"train": 0, "test": 1}
 
@@ -43,31 +51,32 @@ def _combos(split: str) -> list[tuple[str, str]]:
   raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
 
 
+def cells(position: str) -> list[tuple[int, int]]:
+  """The grid cells (column, row) of `position`'s quadrant."""
+  qx, qy = POSITIONS[position]
+  half = GRID // 2
+  return [(qx * half + i, qy * half + j) for j in range(half) for i in range(half)]
+
+
 def render(count: str, color: str, shape: str, position: str, *, size: int = 64,
            rng: np.random.Generator | None = None) -> np.ndarray:
-  """(size, size, 3) uint8 scene: `count` shapes of `color` placed without overlap in `position`."""
+  """(size, size, 3) uint8 scene: `count` shapes of `color`, each centred in its own random cell of
+  `position`'s quadrant (so a caption's count is always what the image shows)."""
   from PIL import Image, ImageDraw
   rng = rng or np.random.default_rng(0)
   bg = tuple(int(v) for v in rng.integers(225, 250, 3))
   im = Image.new("RGB", (size, size), bg)
   draw = ImageDraw.Draw(im)
-  x0, y0, x1, y1 = (v * size for v in POSITIONS[position])
+  free = cells(position)
   n = COUNTS.index(count) + 1
-  r = size * 0.09
-  placed: list[tuple[float, float]] = []
-  for _ in range(200):  # rejection sampling of non-overlapping centres inside the region
-    if len(placed) == n:
-      break
-    cx = rng.uniform(x0 + r + 1, x1 - r - 1)
-    cy = rng.uniform(y0 + r + 1, y1 - r - 1)
-    if all((cx - px) ** 2 + (cy - py) ** 2 > (2.3 * r) ** 2 for px, py in placed):
-      placed.append((cx, cy))
+  step, r = size / GRID, size * RADIUS
   fill = tuple(int(np.clip(v + d, 0, 255)) for v, d in zip(COLORS[color], rng.integers(-15, 16, 3)))
-  for cx, cy in placed:
+  for k in rng.permutation(len(free))[:n]:
+    cx, cy = (free[k][0] + 0.5) * step, (free[k][1] + 0.5) * step
     if shape == "circle":
       draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
-      draw.rectangle([cx - r * 0.9, cy - r * 0.9, cx + r * 0.9, cy + r * 0.9], fill=fill)
+      draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fill)
     else:
       draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
   return np.asarray(im)
