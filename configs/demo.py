@@ -41,7 +41,7 @@ def get_config(arg=None):
   c.data.source = "shapes"
   c.data.num_records = 4096
   c.data.augment = False   # a flip turns "at the top left" into a wrong caption, a crop can drop a shape
-  c.data.max_txt_len = 9  # the longest scene caption in BERT tokens with [CLS] / [SEP] (stage 2: demo.stage2_text_len)
+  c.data.max_txt_len = 9  # the longest scene caption in BERT tokens, [CLS] and [SEP] included
   c.global_batch_size = a.batch
   c.eval_every = -1        # the demo evaluates before and after each stage itself
   c.log_every = 20
@@ -59,6 +59,9 @@ def get_config(arg=None):
     c.model.family = "llama"
     c.frozen = [common.FROZEN_VIT, common.FROZEN_LLM]
     c.loss.prompt = PROMPT
+    # SmolLM2 rows: "a photo of" + the longest caption + EOS are 11 tokens; a narrower row cuts the EOS
+    # and the LLM never learns to stop (the demo computes the width for any tokenizer: stage2_text_len)
+    c.data.max_txt_len = 11
     c.total_steps = a.steps or 200
     c.optim.update(lr=5e-4, min_lr=5e-5, warmup_steps=10, warmup_init=1e-5)
     c.optim.lr_scales = ((r"model/language_projection/.*", 4.0),)  # new and random, as in stage 1
