@@ -58,6 +58,7 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.model.preset = ""               # the released model's shapes (blip2_jax.models.presets), for `python -m blip2_jax.aot`
   c.model.num_query_tokens = 32
   c.model.cross_attention_frequency = 2
+  c.model.init_scales = ()          # ((regex over parameter paths, factor), ...): scale starting values (towers init)
   c.model.image_size = 224
   c.model.dtype = "bfloat16"        # compute dtype of the ViT and LLM (Q-Former computes in float32 as HF)
   c.model.frozen_dtype = "bfloat16"  # storage dtype of frozen towers; trainable params stay float32

@@ -17,14 +17,16 @@ bicubically (as LAVIS `interpolate_pos_embed` for 364 / 490 px fine-tuning).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from blip2_jax.checkpoints import hf, io, tiny, towers
 from blip2_jax.data import processing
 from blip2_jax.models import blip2, presets, qformer, vit
-from blip2_jax.train import tasks
+from blip2_jax.train import optim, tasks
 
 TEMP_INIT = 0.07  # LAVIS Blip2Qformer.temp
 
@@ -147,6 +149,28 @@ def _towers_stage2(config):
   return cfg, params, report
 
 
+def scale_init(params, rules):
+  """`model.init_scales`: ((regex, factor), ...) multiplies the starting value of every parameter whose
+  "/"-joined path (as in `frozen`, without the leading "model/") fully matches a regex by its factor,
+  e.g. a sharper start for the fresh cross-attention (("qformer/.*crossattention/attention/(query|key)/kernel",
+  4.0),). A regex that matches nothing is an error, so a typo cannot pass silently."""
+  rules = [(re.compile(str(r)), float(f)) for r, f in (tuple(x) for x in rules)]
+  if not rules:
+    return params
+  names = optim.paths(params)
+  for r, _ in rules:
+    if not any(r.fullmatch(n) for n in names):
+      raise ValueError(f"model.init_scales: {r.pattern!r} matches no parameter (paths look like {names[:3]})")
+
+  def scale(kp, x):
+    name = optim.path_of(kp)
+    for r, f in rules:
+      if r.fullmatch(name):
+        return x * f
+    return x
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
 def _check_model(task: tasks.Task, cfg) -> None:
   if task.stage1 and cfg.architecture != "Blip2ForImageTextRetrieval":
     raise ValueError(f"task {task.name!r} trains a Blip2ForImageTextRetrieval; the model is a {cfg.architecture}")
@@ -175,6 +199,8 @@ def build(config) -> Setup:
     raise ValueError(f"model.init {init!r}: choose towers, pretrained or random")
 
   _check_model(task, cfg)
+  if init == "towers":
+    params = scale_init(params, config.model.get("init_scales", ()))
   cfg, params = resize_positions(cfg, params, int(config.model.image_size))
   model = blip2.build(cfg)
   tree = {"model": params}
