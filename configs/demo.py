@@ -11,13 +11,14 @@ A CPU-sized BLIP-2 on generated scenes (data/synthetic.py, held-out colour-shape
     Randomly initialised -- no real ViT ships on PyPI -- and frozen in both stages as BLIP-2 freezes
     its image encoder: the random features of this ViT already hold every attribute (a linear probe
     of the untrained Q-Former's outputs reads them), while a ViT trained in stage 1 learns to drop
-    position (measured: the same probe then reads it at chance). Its 2-D sine-cosine position
+    position (measured: the same probe then reads it at 31%, chance 25%). Its 2-D sine-cosine position
     embeddings are scaled by POSITION_SCALE so that the random blocks keep where a patch is.
   * Q-Former: all-MiniLM-L6-v2 (6 layers, width 384) with 8 queries (the paper's 32 are for 257
     ViT-g tokens; 4 patches of a flat scene need fewer), cross-attention in every layer, whose fresh
     query / key projections start 4x larger than BERT's N(0, 0.02) (INIT_SCALES): the attention then
-    starts position-selective instead of near-uniform, and a near-uniform average of the patches is
-    blind to which one holds the shapes;
+    starts sharper than near-uniform, and a near-uniform average of the patches is blind to which one
+    holds the shapes (probe of the untrained Q-Former over a x8-position ViT: position 100% with this
+    and cross-attention in every layer, 86% with neither);
   * stage 2: ViT frozen, SmolLM2-135M-Instruct frozen (LLaMA), Q-Former + projection trained, with
     the prompt "a photo of" (LAVIS's caption prompt): SmolLM2's tokenizer adds no BOS, so without a
     prompt the caption's first word would have to come from the last query alone, which 100 steps
