@@ -51,14 +51,23 @@ def _step_name(d) -> str:
   return f"stage 2 ({llm.get(d['family'], d['family'] + ', small')})"
 
 
-def train_rows(work: str) -> list[str]:
-  head = ("| step | batch | ours img/s | ours TFLOP/s | ours MFU | ours peak GiB | PyTorch img/s | PyTorch TFLOP/s | "
-          "PyTorch MFU | PyTorch peak GiB | ours / PyTorch | estimate ms (measured ms) |")
-  out = [head, "|" + " --- |" * (head.count("|") - 1)]
-  for path in sorted(glob.glob(os.path.join(work, "train_*.json"))):
+def _header(head: str) -> list[str]:
+  """A markdown table's head row and its separator."""
+  return [head, "|" + " --- |" * (head.count("|") - 1)]
+
+
+def _reports(work: str, pattern: str):
+  """The readable JSON reports of WORK matching `pattern`, in name order (a part's own order)."""
+  for path in sorted(glob.glob(os.path.join(work, pattern))):
     d = _load(path)
-    if not d:
-      continue
+    if d:
+      yield d
+
+
+def train_rows(work: str) -> list[str]:
+  out = _header("| step | batch | ours img/s | ours TFLOP/s | ours MFU | ours peak GiB | PyTorch img/s | "
+                "PyTorch TFLOP/s | PyTorch MFU | PyTorch peak GiB | ours / PyTorch | estimate ms (measured ms) |")
+  for d in _reports(work, "train_*.json"):
     for r in d.get("rows", []):
       est = r.get("estimate") or {}
       ratio = r["ours"] / r["torch"] if r.get("torch") else None
@@ -78,8 +87,7 @@ def generation_rows(work: str) -> list[str]:
   impls = d.get("attn", [])
   head = "| batch | beams | ours tok/s | " + " | ".join(f"HF {i} tok/s | ours / HF {i}" for i in impls) + \
       " | ours first call s |"
-  out = [f"{d['size']} {d['family']}, {d['dtype']}, {d['new_tokens']} new tokens:", "", head,
-         "|" + " --- |" * (head.count("|") - 1)]
+  out = [f"{d['size']} {d['family']}, {d['dtype']}, {d['new_tokens']} new tokens:", "", *_header(head)]
   for r in d["rows"]:
     cells = [str(r["batch"]), str(r["beams"]), _f(r.get("ours"))]
     for i in impls:
@@ -91,13 +99,9 @@ def generation_rows(work: str) -> list[str]:
 
 
 def aot_rows(work: str) -> list[str]:
-  head = ("| recipe | batch | chip | peak memory (compiled) | estimate: step ms (ops / HBM / matmuls) | MFU estimate | "
-          "measured step ms | measured MFU | measured peak GiB | estimate / measured |")
-  out = [head, "|" + " --- |" * (head.count("|") - 1)]
-  for path in sorted(glob.glob(os.path.join(work, "aot_*.json"))):
-    d = _load(path)
-    if not d:
-      continue
+  out = _header("| recipe | batch | chip | peak memory (compiled) | estimate: step ms (ops / HBM / matmuls) | "
+                "MFU estimate | measured step ms | measured MFU | measured peak GiB | estimate / measured |")
+  for d in _reports(work, "aot_*.json"):
     rf, m, ops = d["roofline"], d.get("measured") or {}, d.get("ops") or {}
     step = m.get("step_s")
     mfu = d["model_flops"] / d["devices"] / (step * d["peak_flops"]) if step and d.get("peak_flops") else None
