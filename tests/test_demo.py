@@ -80,8 +80,8 @@ def test_stage2_rows_hold_every_caption_and_its_eos(tmp_path):
   from blip2_jax.train import losses
   _, llm = _tiny_towers(str(tmp_path))
   tok = processing.load_tokenizer(llm)
-  caps = [synthetic.caption_of(n, c, s, p) for n in synthetic.COUNTS for c in synthetic.COLORS
-          for s in synthetic.SHAPES for p in synthetic.POSITIONS]
+  caps = synthetic.all_captions()
+  assert len(set(caps)) == 3 * 6 * 3 * 4
   width = demo.stage2_text_len(tok, demo._recipe().PROMPT, "llama")
   rows = losses.build_stage2_batch(tok, caps, "llama", prompt=demo._recipe().PROMPT, max_len=width)
   last = rows["input_ids"][np.arange(len(caps)), rows["attention_mask"].sum(1) - 1]

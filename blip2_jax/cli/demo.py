@@ -294,8 +294,7 @@ def _recipe():
 def stage2_text_len(tokenizer, prompt: str, family: str) -> int:
   """Tokens of the longest stage-2 row (prompt + caption + EOS) over every caption the scenes have: the
   width that truncates none, so that training teaches the last word and where to stop."""
-  caps = [syn.caption_of(n, c, s, p) for n in syn.COUNTS for c in syn.COLORS for s in syn.SHAPES for p in syn.POSITIONS]
-  rows = losses.build_stage2_batch(tokenizer, caps, family, prompt=prompt, max_len=1 << 10)
+  rows = losses.build_stage2_batch(tokenizer, syn.all_captions(), family, prompt=prompt, max_len=1 << 10)
   return int(rows["attention_mask"].sum(axis=1).max())
 
 

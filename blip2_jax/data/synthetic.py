@@ -117,6 +117,11 @@ class ShapesSource:
     return {"image": img, "caption": caption_of(**a), **a}
 
 
+def all_captions() -> list[str]:
+  """Every caption a scene can have (count x colour x shape x position)."""
+  return [caption_of(n, c, s, p) for n in COUNTS for c in COLORS for s in SHAPES for p in POSITIONS]
+
+
 def vocabulary() -> list[str]:
   """Every word a caption can use (for tiny word-level tokenizers)."""
   words = set(COUNTS) | set(COLORS) | set(SHAPES) | {s + "s" for s in SHAPES}
