@@ -24,8 +24,8 @@ def test_eval_scenes_split_seen_and_held_out_pairs():
 
 
 def test_scene_shapes_fill_cells_of_their_quadrant():
-  """Each shape is centred in its own grid cell of the caption's quadrant: count and position are
-  which cells differ from the background."""
+  """Each shape is centred in its own grid cell of the caption's quadrant, gathered in the corner the
+  caption names: count and position are which cells differ from the background."""
   for size in (32, 64):
     cell = size // synthetic.GRID
     for position in synthetic.POSITIONS:
@@ -37,6 +37,9 @@ def test_scene_shapes_fill_cells_of_their_quadrant():
         used = {(i, j) for i in range(synthetic.GRID) for j in range(synthetic.GRID)
                 if (np.abs(img[j * cell:(j + 1) * cell, i * cell:(i + 1) * cell].astype(int) - bg).sum(-1) > 30).any()}
         assert len(used) == n and used <= own, (size, position, count, used)
+        qx, qy = synthetic.POSITIONS[position]
+        corner = (qx * (synthetic.GRID - 1), qy * (synthetic.GRID - 1))
+        assert corner in used and all(abs(i - corner[0]) + abs(j - corner[1]) <= 1 for i, j in used), used
 
 
 def test_attribute_accuracy_and_exact_match():

@@ -1,13 +1,15 @@
 """Procedurally generated scenes with compositional captions: data that needs no download.
 
-Each scene holds `count` shapes of one colour in one quadrant of a plain background, and its caption
+Each scene holds `count` outlined shapes of one colour in one quadrant of a plain background, and its caption
 names all four attributes: "two red circles at the top left". Scenes are a pure function of
 (seed, index), so the source is random-access and every process / epoch sees the same images.
 
 Shapes sit in the cells of a GRID x GRID grid, one shape centred in each cell it uses; a quadrant is
-GRID / 2 x GRID / 2 cells, so its `count` shapes take `count` of its cells. With the demo ViT's patches
-one quadrant wide (64 px images, 32 px patches) count, colour and shape are what one patch shows and
-position is which patch shows them.
+GRID / 2 x GRID / 2 cells. The shapes gather in the corner their caption names: the first in the
+quadrant's corner cell, a second beside it (across or down, at random), a third in the other cell
+beside it. With the demo ViT's patches one quadrant wide (64 px images, 32 px patches), count, colour
+and shape are what one patch shows, and so is position: which corner of the patch its shapes fill
+(besides which patch shows them, which the model reads far less readily).
 
 Held-out combinations measure generalisation rather than memorisation: `split="train"` never
 shows the (colour, shape) pairs in `HELD_OUT`, `split="test"` shows only them, so a model that
@@ -32,6 +34,9 @@ POSITIONS = {"at the top left": (0, 0), "at the top right": (1, 0), "at the bott
              "at the bottom right": (1, 1)}
 GRID = 4        # cells per side; a quadrant is GRID // 2 cells per side, so holds up to 4 shapes
 RADIUS = 0.1    # shape radius, a fraction of the image side (0.4 of a cell at GRID 4: shapes never touch)
+# every shape's 1 px outline, whatever its fill: the outline shows the shape in pixels no colour
+# changes, so a model can tell a red circle without having seen one (demo, held-out pairs)
+OUTLINE = (40, 40, 40)
 HELD_OUT = (("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "circle"))
 SPLIT_SALT = {"train": 0, "test": 1}
 
@@ -58,27 +63,38 @@ def cells(position: str) -> list[tuple[int, int]]:
   return [(qx * half + i, qy * half + j) for j in range(half) for i in range(half)]
 
 
+def corner_cells(position: str, count: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+  """The `count` cells (column, row) `position`'s shapes take: its quadrant's corner cell first, then
+  the two cells beside it in a random order (never the cell diagonal to the corner)."""
+  qx, qy = POSITIONS[position]
+  half = GRID // 2
+  x0, y0 = qx * (GRID - 1), qy * (GRID - 1)        # the image corner's cell
+  dx, dy = (1 if qx == 0 else -1), (1 if qy == 0 else -1)
+  beside = [(x0 + dx * i, y0) for i in range(1, half)] + [(x0, y0 + dy * j) for j in range(1, half)]
+  beside = [beside[k] for k in rng.permutation(len(beside))]
+  return [(x0, y0), *beside][:count]
+
+
 def render(count: str, color: str, shape: str, position: str, *, size: int = 64,
            rng: np.random.Generator | None = None) -> np.ndarray:
-  """(size, size, 3) uint8 scene: `count` shapes of `color`, each centred in its own random cell of
-  `position`'s quadrant (so a caption's count is always what the image shows)."""
+  """(size, size, 3) uint8 scene: `count` shapes of `color` outlined in OUTLINE, each centred in its
+  own cell of `position`'s quadrant and gathered in its corner (`corner_cells`), so a caption's count
+  and position are what the image shows."""
   from PIL import Image, ImageDraw
   rng = rng or np.random.default_rng(0)
   bg = tuple(int(v) for v in rng.integers(225, 250, 3))
   im = Image.new("RGB", (size, size), bg)
   draw = ImageDraw.Draw(im)
-  free = cells(position)
-  n = COUNTS.index(count) + 1
   step, r = size / GRID, size * RADIUS
   fill = tuple(int(np.clip(v + d, 0, 255)) for v, d in zip(COLORS[color], rng.integers(-15, 16, 3)))
-  for k in rng.permutation(len(free))[:n]:
-    cx, cy = (free[k][0] + 0.5) * step, (free[k][1] + 0.5) * step
+  for col, row in corner_cells(position, COUNTS.index(count) + 1, rng):
+    cx, cy = (col + 0.5) * step, (row + 0.5) * step
     if shape == "circle":
-      draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+      draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=OUTLINE)
     elif shape == "square":
-      draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fill)
+      draw.rectangle([cx - r * 0.85, cy - r * 0.85, cx + r * 0.85, cy + r * 0.85], fill=fill, outline=OUTLINE)
     else:
-      draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+      draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill, outline=OUTLINE)
   return np.asarray(im)
 
 
