@@ -2,7 +2,8 @@
 # The first run, offline from model hubs: set up .venv, then `python -m blip2_jax.demo`: a small
 # BLIP-2 from real pretrained parts on PyPI (all-MiniLM-L6-v2 BERT -> Q-Former, SmolLM2-135M-Instruct
 # -> frozen LLM) trains stage 1 and stage 2 on generated scenes and prints held-out retrieval and
-# caption accuracy before and after, then captions real photos. About 15 minutes on 2 CPU cores.
+# caption accuracy before and after, then captions real photos. About 18 minutes on 2 CPU cores, 14 of
+# them training and evaluation.
 # Usage: bash launch/demo.sh [demo options, e.g. --workdir runs/demo --stage1-steps 200 --fresh]
 set -euo pipefail
 cd "$(dirname "$0")/.."

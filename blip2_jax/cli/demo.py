@@ -409,7 +409,7 @@ def main(argv=None) -> int:
   p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "blip2_jax"),
                  help="where the converted SmolLM2 directory is kept")
   p.add_argument("--stage1-steps", type=int, default=200)
-  p.add_argument("--stage2-steps", type=int, default=300)
+  p.add_argument("--stage2-steps", type=int, default=350)
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--fresh", action="store_true", help="delete --workdir first instead of resuming")
   p.add_argument("--bert", default="", help="another BERT directory for the Q-Former (default: MiniLM)")

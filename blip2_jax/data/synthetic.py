@@ -33,7 +33,7 @@ COUNTS = ("one", "two", "three")
 POSITIONS = {"at the top left": (0, 0), "at the top right": (1, 0), "at the bottom left": (0, 1),
              "at the bottom right": (1, 1)}
 GRID = 4        # cells per side; a quadrant is GRID // 2 cells per side, so holds up to 4 shapes
-RADIUS = 0.1    # shape radius, a fraction of the image side (0.4 of a cell at GRID 4: shapes never touch)
+RADIUS = 0.12   # shape radius, a fraction of the image side (0.48 of a cell at GRID 4: shapes never touch)
 # every shape's 1 px outline, whatever its fill: the outline shows the shape in pixels no colour
 # changes, so a model can tell a red circle without having seen one (demo, held-out pairs)
 OUTLINE = (40, 40, 40)
