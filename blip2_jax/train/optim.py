@@ -36,12 +36,20 @@ def paths(tree) -> list[str]:
   return [path_of(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def require_matches(patterns: Sequence[str], tree, what: str) -> None:
+  """ValueError naming the first of `patterns` that fully matches no leaf path of `tree`, so that a
+  typo in a config's regex cannot pass silently (`what` starts the message)."""
+  names = paths(tree)
+  for p in patterns:
+    r = re.compile(str(p))
+    if not any(r.fullmatch(n) for n in names):
+      raise ValueError(f"{what} {r.pattern!r} matches no parameter (paths look like {names[:3]})")
+
+
 def path_mask(tree, patterns: Sequence[str]):
   """A bool tree: True where the leaf's path fully matches one of `patterns`."""
   regs = [re.compile(p) for p in patterns]
-  for r in regs:
-    if not any(r.fullmatch(p) for p in paths(tree)):
-      raise ValueError(f"frozen pattern {r.pattern!r} matches no parameter (paths look like {paths(tree)[:3]})")
+  require_matches(patterns, tree, "frozen pattern")
   return jax.tree_util.tree_map_with_path(lambda kp, _: any(r.fullmatch(path_of(kp)) for r in regs), tree)
 
 
@@ -149,14 +157,14 @@ def scale_by_path(scale_fn) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def path_lr_scales(rules: Sequence[tuple[str, float]]):
+def path_lr_scales(rules: Sequence[tuple[str, float]], what: str = "optim.lr_scales"):
   """-> fn(path, leaf) -> the factor of the first (regex, factor) rule whose regex fullmatches the
   "/"-joined path, else 1: per-module learning-rate multipliers (e.g. a ViT trained from scratch
-  next to a pretrained BERT)."""
+  next to a pretrained BERT), or any other per-path factor (`what` names the setting in errors)."""
   compiled = []
   for rule in rules:
     if len(rule) != 2:
-      raise ValueError(f"optim.lr_scales entries are (regex, factor) pairs, got {rule!r}")
+      raise ValueError(f"{what} entries are (regex, factor) pairs, got {rule!r}")
     compiled.append((re.compile(str(rule[0])), float(rule[1])))
 
   def scale(path: str, leaf):

@@ -17,7 +17,6 @@ bicubically (as LAVIS `interpolate_pos_embed` for 364 / 490 px fine-tuning).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import jax
@@ -154,20 +153,15 @@ def scale_init(params, rules):
   "/"-joined path (as in `frozen`, without the leading "model/") fully matches a regex by its factor,
   e.g. a sharper start for the fresh cross-attention (("qformer/.*crossattention/attention/(query|key)/kernel",
   4.0),). A regex that matches nothing is an error, so a typo cannot pass silently."""
-  rules = [(re.compile(str(r)), float(f)) for r, f in (tuple(x) for x in rules)]
+  rules = [tuple(x) for x in rules]
   if not rules:
     return params
-  names = optim.paths(params)
-  for r, _ in rules:
-    if not any(r.fullmatch(n) for n in names):
-      raise ValueError(f"model.init_scales: {r.pattern!r} matches no parameter (paths look like {names[:3]})")
+  factor = optim.path_lr_scales(rules, what="model.init_scales")
+  optim.require_matches([r for r, _ in rules], params, "model.init_scales:")
 
   def scale(kp, x):
-    name = optim.path_of(kp)
-    for r, f in rules:
-      if r.fullmatch(name):
-        return x * f
-    return x
+    f = factor(optim.path_of(kp), x)
+    return x if f == 1.0 else x * f
   return jax.tree_util.tree_map_with_path(scale, params)
 
 
