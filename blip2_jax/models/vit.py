@@ -101,13 +101,7 @@ class VisionConfig(L.Runtime):
       v = get(f, None)
       if v is not None:
         kw[f] = v
-    for f in ("image_size", "patch_size"):
-      v = kw.get(f)
-      if isinstance(v, (list, tuple)):
-        # HF itself computes `image_size // patch_size` and fails on pairs; accept square ones.
-        if len(v) != 2 or v[0] != v[1]:
-          raise ValueError(f"{f}={v!r}: only square sizes are supported (as in HF)")
-        kw[f] = int(v[0])
+    square_sizes(kw)
     nc = get("num_channels", 3)
     if nc != 3:
       raise ValueError(f"num_channels={nc}: Blip2VisionModel always builds a 3-channel patch "
@@ -130,6 +124,18 @@ class VisionConfig(L.Runtime):
     if self.post_eps != self.layer_norm_eps:
       kw["post_layernorm_eps"] = self.post_eps
     return Blip2VisionConfig(**kw)
+
+
+def square_sizes(kw: dict) -> dict:
+  """HF's `image_size` / `patch_size` in `kw` as ints, in place: HF itself computes
+  `image_size // patch_size` and fails on pairs, so a pair must be square."""
+  for f in ("image_size", "patch_size"):
+    v = kw.get(f)
+    if isinstance(v, (list, tuple)):
+      if len(v) != 2 or v[0] != v[1]:
+        raise ValueError(f"{f}={v!r}: only square sizes are supported (as in HF)")
+      kw[f] = int(v[0])
+  return kw
 
 
 def lavis_qkv_bias(q_bias: np.ndarray, v_bias: np.ndarray) -> np.ndarray:
@@ -193,6 +199,26 @@ def resize_bicubic(grid: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
 # modules
 
 
+def patchify(pixel_values: jax.Array, cfg) -> tuple[jax.Array, int, int]:
+  """NHWC pixels -> ((B, gh * gw, P * P * C) patches in `cfg.dtype`, gh, gw), the input of
+  `PatchEmbedding`; torch's strided conv drops the rows / columns that fill no whole patch."""
+  b, h, w, cin = pixel_values.shape
+  p, c = cfg.patch_size, cfg.num_channels
+  if cin != c:
+    raise ValueError(f"pixel_values must be NHWC with {c} channels; got shape {pixel_values.shape}")
+  gh, gw = h // p, w // p
+  x = pixel_values[:, :gh * p, :gw * p].astype(cfg.jdtype)
+  return x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c), gh, gw
+
+
+def interpolate_positions(table: jax.Array, grid: int, gh: int, gw: int) -> jax.Array:
+  """(1 + grid**2, D) [CLS; patch grid] position table -> (1 + gh * gw, D) float32, the patch
+  grid resized like torch's bicubic `interpolate_pos_encoding` (HF BLIP-2 and CLIP alike)."""
+  d = table.shape[-1]
+  patch_pos = resize_bicubic(table[1:].reshape(grid, grid, d), (gh, gw)).reshape(gh * gw, d)
+  return jnp.concatenate([table[:1].astype(jnp.float32), patch_pos])
+
+
 class VisionEmbeddings(nn.Module):
   """Patch embedding (conv with stride = kernel, done as a matmul) + CLS + positions."""
   config: VisionConfig
@@ -201,30 +227,22 @@ class VisionEmbeddings(nn.Module):
   def __call__(self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False):
     cfg = self.config
     dtype, pdt = cfg.jdtype, cfg.jparam_dtype
-    d, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
+    d = cfg.hidden_size
     init = L.normal_init(cfg.initializer_range)
     class_embedding = L.param_with_axes(self, "class_embedding", init, (1, 1, d), pdt,
                                         (None, None, "embed"))
     position_embedding = L.param_with_axes(self, "position_embedding", init,
                                            (1, cfg.num_positions, d), pdt, (None, None, "embed"))
 
-    b, h, w, cin = pixel_values.shape
-    if cin != c:
-      raise ValueError(f"pixel_values must be NHWC with {c} channels; got shape {pixel_values.shape}")
-    gh, gw = h // p, w // p
-    # torch's strided conv drops the rows/columns that do not fill a whole patch.
-    x = pixel_values[:, :gh * p, :gw * p].astype(dtype)
-    x = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, p * p * c)
+    b, h, w, _ = pixel_values.shape
+    x, gh, gw = patchify(pixel_values, cfg)
     patches = PatchEmbedding(cfg, name="patch_embedding")(x)  # (B, gh * gw, D)
 
     cls = jnp.broadcast_to(class_embedding.astype(dtype), (b, 1, d))
     x = jnp.concatenate([cls, patches], axis=1)
     n = x.shape[1]
     if interpolate_pos_encoding and not (n == cfg.num_positions and h == w):
-      g = cfg.grid
-      patch_pos = position_embedding[0, 1:].reshape(g, g, d)
-      patch_pos = resize_bicubic(patch_pos, (gh, gw)).reshape(gh * gw, d)
-      pos = jnp.concatenate([position_embedding[0, :1].astype(jnp.float32), patch_pos])[None]
+      pos = interpolate_positions(position_embedding[0], cfg.grid, gh, gw)[None]
     else:
       if n > cfg.num_positions:
         raise ValueError(
@@ -239,8 +257,10 @@ class VisionEmbeddings(nn.Module):
 class PatchEmbedding(nn.Module):
   """Conv2d(C, D, kernel=stride=P) on pre-extracted (B, N, P*P*C) patches: one matmul.
 
-  The kernel is HWIO (P, P, C, D), so the checkpoint rule is the standard "conv" transform."""
+  The kernel is HWIO (P, P, C, D), so the checkpoint rule is the standard "conv" transform.
+  use_bias=False: CLIP's conv has no bias."""
   config: VisionConfig
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, patches: jax.Array) -> jax.Array:
@@ -249,32 +269,41 @@ class PatchEmbedding(nn.Module):
     p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
     kernel = L.param_with_axes(self, "kernel", L.normal_init(cfg.initializer_range), (p, p, c, d),
                                pdt, (None, None, None, "embed"))
-    bias = L.param_with_axes(self, "bias", nn.initializers.zeros, (d,), pdt, ("embed",))
     y = jnp.dot(patches, kernel.reshape(p * p * c, d).astype(dtype))
+    if not self.use_bias:
+      return y
+    bias = L.param_with_axes(self, "bias", nn.initializers.zeros, (d,), pdt, ("embed",))
     return y + bias.astype(dtype)
 
 
 class Attention(nn.Module):
-  """Blip2Attention: fused qkv (bias [q, k, v] when qkv_bias), no mask, `projection` out."""
+  """Blip2Attention: fused qkv (bias [q, k, v] when qkv_bias), `projection` out; `bias` is an
+  optional additive mask (None here: the ViT attends everywhere). A subclass may change the
+  projections (`project_qkv`, `OUT_NAME`): CLIP's separate q / k / v / out_proj (models/clip.py)."""
   config: VisionConfig
   deterministic: bool = True
+  OUT_NAME = "projection"  # the output projection's parameter name
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(B, T, D) -> q, k, v, each (B, T, heads, head_dim)."""
     cfg = self.config
-    dtype = cfg.jdtype
     d, n, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
     qkv = L.dense(cfg, 3 * d, ("embed", "heads"), "qkv", use_bias=cfg.qkv_bias)(x)
     b, t = x.shape[:2]
     qkv = qkv.reshape(b, t, 3, n, hd)  # HF splits as (3, heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+  @nn.compact
+  def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    cfg = self.config
+    q, k, v = self.project_qkv(x)
     train = cfg.attention_dropout > 0 and not self.deterministic
-    out = L.attention(q, k, v, scale=hd ** -0.5, implementation=cfg.attn_impl, dtype=dtype,
-                      dropout_rate=cfg.attention_dropout if train else 0.0,
+    out = L.attention(q, k, v, bias=bias, scale=cfg.head_dim ** -0.5, implementation=cfg.attn_impl,
+                      dtype=cfg.jdtype, dropout_rate=cfg.attention_dropout if train else 0.0,
                       dropout_rng=self.make_rng("dropout") if train else None)
     out = L.merge_heads(out)
     out = L.constrain(out, (BATCH, LENGTH, "activation_heads"))
-    return L.dense(cfg, d, ("heads", "embed"), "projection")(out)
+    return L.dense(cfg, cfg.hidden_size, ("heads", "embed"), self.OUT_NAME)(out)
 
 
 class MLP(nn.Module):
@@ -290,15 +319,18 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-  """Blip2EncoderLayer (pre-LN)."""
+  """Blip2EncoderLayer (pre-LN). `attention` is the `self_attn` module class, called as
+  `attention(config, deterministic)(h, *attention_args)`: CLIP's layer is this one with separate
+  q / k / v projections and a mask (models/clip.py)."""
   config: VisionConfig
   deterministic: bool = True
+  attention: Any = Attention
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *attention_args) -> jax.Array:
     cfg = self.config
     h = L.norm(cfg, "layer_norm1", eps=cfg.layer_norm_eps)(x)
-    x = x + Attention(cfg, self.deterministic, name="self_attn")(h)
+    x = x + self.attention(cfg, self.deterministic, name="self_attn")(h, *attention_args)
     x = L.constrain(x, ACT)
     h = L.norm(cfg, "layer_norm2", eps=cfg.layer_norm_eps)(x)
     x = x + MLP(cfg, name="mlp")(h)
