@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint directories <-> BLIP-2 composites: `from_pretrained`, `save_pretrained`."""
+"""Hugging Face checkpoint directories <-> BLIP-2 composites (and CLIP, through checkpoints/clip.py):
+`from_pretrained`, `save_pretrained`."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,12 +11,14 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from blip2_jax.checkpoints import clip as clip_checkpoint
 from blip2_jax.checkpoints import io
 from blip2_jax.core import hub
 from blip2_jax.core import sharding as shd
-from blip2_jax.models import blip2, qformer
+from blip2_jax.models import blip2, clip, qformer
 
 CONFIG_NAME = "config.json"
+MODEL_TYPES = ("blip-2", "instructblip", "clip")  # config.json model_types read here (clip: checkpoints/clip.py)
 
 
 def read_hf_config(path: str):
@@ -34,11 +37,11 @@ def read_hf_config(path: str):
   if not isinstance(raw, dict):
     raise io.CheckpointError(f"{cfg_path} holds a JSON {type(raw).__name__}, not an object")
   model_type = raw.get("model_type")
-  if model_type not in ("blip-2", "instructblip"):
+  if model_type not in MODEL_TYPES:
     arch = raw.get("architectures")
     raise io.CheckpointError(
         f"{path} holds a {model_type!r} checkpoint (architectures {arch}), not a BLIP-2 / InstructBLIP "
-        "one. To start a composite from separate towers use blip2_jax.checkpoints.towers.")
+        "/ CLIP one. To start a composite from separate towers use blip2_jax.checkpoints.towers.")
   return transformers.AutoConfig.for_model(**raw)
 
 
@@ -50,7 +53,8 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, *, param_dtype=None
                     remat: str = "none", attn_impl: str | None = None, qformer_dtype="float32",
                     axis_rules=shd.DEFAULT_RULES, verbose: bool = False, revision: str | None = None,
                     cache_dir: str | None = None, token=None):
-  """Loads a transformers `save_pretrained` directory of any BLIP-2 class; returns (model, params).
+  """Loads a transformers `save_pretrained` directory of any BLIP-2 class, or of CLIPModel (a
+  `models.clip.CLIPModel`, by checkpoints/clip.py; `qformer_dtype` does not apply); returns (model, params).
 
   path: a local directory, or a Hugging Face Hub id ("Salesforce/blip2-opt-2.7b") at `revision`,
   fetched into (or, offline, read from) huggingface_hub's cache (`cache_dir`, `token`: see `blip2_jax.core.hub`).
@@ -66,18 +70,26 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, *, param_dtype=None
   path = hub.resolve(path, revision=revision, cache_dir=cache_dir, token=token)
   hf_cfg = read_hf_config(path)
   param_dtype = param_dtype if param_dtype is not None else dtype
-  config = blip2.Blip2Config.from_hf(
-      hf_cfg, qformer_dtype=_dtype_name(qformer_dtype), dtype=_dtype_name(dtype),
-      param_dtype=_dtype_name(param_dtype), scan=scan, remat=remat, attn_impl=attn_impl)
+  runtime = dict(dtype=_dtype_name(dtype), param_dtype=_dtype_name(param_dtype), scan=scan, remat=remat,
+                 attn_impl=attn_impl)
+  if hf_cfg.model_type == "clip":
+    model, params = clip_checkpoint.load(path, hf_cfg, mesh=mesh, axis_rules=axis_rules, **runtime)
+  else:
+    model, params = _load_blip2(path, hf_cfg, _dtype_name(qformer_dtype), runtime, mesh, axis_rules)
+  if verbose:
+    n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    print(f"loaded {model.config.architecture} ({n / 1e6:.1f}M parameters) from {path} in {time.time() - t0:.1f}s")
+  return model, params
+
+
+def _load_blip2(path: str, hf_cfg, qformer_dtype, runtime: dict, mesh, axis_rules):
+  config = blip2.Blip2Config.from_hf(hf_cfg, qformer_dtype=qformer_dtype, **runtime)
   reader = io.open_checkpoint(path)
   config = fit_to_checkpoint(config, reader)
   model = blip2.build(config)
   abstract = io.abstract_params(model, **blip2.dummy_inputs(config))
   params = io.load_params(reader, blip2.hf_rules(config), abstract, mesh=mesh, axis_rules=axis_rules,
                           ignore=blip2.hf_ignore(config), name=path)
-  if verbose:
-    n = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    print(f"loaded {config.architecture} ({n / 1e6:.1f}M parameters) from {path} in {time.time() - t0:.1f}s")
   return model, params
 
 
@@ -90,17 +102,11 @@ def save_pretrained(model, params, path: str, *, dtype=None, max_shard_bytes: in
   `layer_norm_eps` (it has no such field), and a warning says so."""
 
   config = model.config
+  if isinstance(config, clip.CLIPConfig):
+    return clip_checkpoint.save(model, params, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
   tensors = io.to_state_dict(params, blip2.hf_rules(config), dtype=dtype)
-  os.makedirs(path, exist_ok=True)
-  io.save_state_dict(path, tensors, max_shard_bytes=max_shard_bytes)
-  hf_cfg = config.to_hf()
   _warn_post_eps(config, path)
-  # config.json records the weights' dtype as transformers does (used by dtype="auto"): the
-  # requested one, else that of the largest floating tensor (a bf16 load keeps an fp32 Q-Former).
-  floats = [v for v in tensors.values() if jnp.issubdtype(v.dtype, jnp.floating)]
-  if floats:
-    hf_cfg.dtype = jnp.dtype(dtype).name if dtype is not None else max(floats, key=lambda v: v.size).dtype.name
-  hf_cfg.save_pretrained(path)
+  io.save_hf_directory(path, tensors, config.to_hf(), dtype=dtype, max_shard_bytes=max_shard_bytes)
 
 
 def _warn_post_eps(config, path: str) -> None:

@@ -252,6 +252,18 @@ def save_state_dict(directory: str, tensors: Mapping[str, np.ndarray],
   return names
 
 
+def save_hf_directory(path: str, tensors: Mapping[str, np.ndarray], hf_config, *, dtype=None,
+                      max_shard_bytes: int = 5 * 2**30) -> None:
+  """Writes `tensors` (`save_state_dict`) and `hf_config` (a transformers config: config.json) to
+  `path`. config.json records the weights' dtype as transformers does (used by dtype="auto"): `dtype`
+  when given, else that of the largest floating tensor (a bf16 load keeps an fp32 Q-Former)."""
+  save_state_dict(path, tensors, max_shard_bytes=max_shard_bytes)
+  floats = [v for v in tensors.values() if jnp.issubdtype(v.dtype, jnp.floating)]
+  if floats:
+    hf_config.dtype = jnp.dtype(dtype).name if dtype is not None else max(floats, key=lambda v: v.size).dtype.name
+  hf_config.save_pretrained(path)
+
+
 _OUR_WEIGHT_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 
@@ -409,7 +421,7 @@ def to_state_dict(params: Mapping, rules: Sequence[Rule], dtype=None) -> dict[st
       v = TRANSFORMS[rule.transform][1](v)
       if dtype is not None and jnp.issubdtype(v.dtype, jnp.floating):
         v = v.astype(dtype)
-      out[rule.hf] = np.ascontiguousarray(v)
+      out[rule.hf] = np.asarray(v, order="C")  # not ascontiguousarray: it turns 0-d scalars into (1,)
   absent = [f for f in by_flax if f not in seen]
   if no_rule or absent:
     raise ValueError("params do not match the name table: "

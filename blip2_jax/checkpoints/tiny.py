@@ -105,6 +105,60 @@ def save_tiny(path: str, arch: str = "Blip2ForConditionalGeneration", family: st
   return path
 
 
+
+# ----------------------------------------------------------------------------------------
+# CLIP (the CapFilt ranker)
+
+CLIP_MERGES = (("p", "h"), ("ph", "o"), ("t", "o</w>"), ("pho", "to</w>"), ("c", "a"), ("ca", "t</w>"),
+               ("d", "o"), ("do", "g</w>"))
+
+
+def tiny_clip_tokenizer():
+  """A CLIPTokenizer built here: the 256 byte-level symbols, each also with CLIP's `</w>` end-of-word
+  suffix, a few merges, then <|startoftext|> and <|endoftext|> (the largest id, as in OpenAI's vocab,
+  so the legacy argmax pooling finds it); 77-token context."""
+  import transformers
+  from tokenizers import pre_tokenizers
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  vocab = {t: i for i, t in enumerate(alphabet + [c + "</w>" for c in alphabet])}
+  for a, b in CLIP_MERGES:
+    vocab.setdefault(a + b, len(vocab))
+  for special in ("<|startoftext|>", "<|endoftext|>"):
+    vocab[special] = len(vocab)
+  return transformers.CLIPTokenizer(vocab=vocab, merges=list(CLIP_MERGES), model_max_length=77)
+
+
+def tiny_clip_config(*, text_overrides=None, vision_overrides=None, projection_dim: int = 24):
+  """A 2-layer CLIP (text 32 wide, 16 positions; vision head dim 11, 28 px / patch 14) sized for
+  `tiny_clip_tokenizer` (eos = pad = its <|endoftext|>)."""
+  import transformers
+  vocab = len(tiny_clip_tokenizer())
+  text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=16, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+  vision = dict(hidden_size=44, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                patch_size=14)
+  return transformers.CLIPConfig(text_config=dict(text, **(text_overrides or {})),
+                                 vision_config=dict(vision, **(vision_overrides or {})), projection_dim=projection_dim)
+
+
+def save_tiny_clip(path: str, seed: int = 0, tokenizer: bool = True, **config_kw) -> str:
+  """Builds a tiny random HF CLIPModel (every weight moved off its init), saves it with its tokenizer
+  and CLIP image processor (shorter side to image_size, centre crop) to `path`; returns the path."""
+  import torch
+  import transformers
+  from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+  cfg = tiny_clip_config(**config_kw)
+  torch.manual_seed(seed)
+  model = transformers.CLIPModel._from_config(cfg, attn_implementation="eager").eval()
+  perturb_(model, seed)
+  os.makedirs(path, exist_ok=True)
+  model.save_pretrained(path)
+  if tokenizer:
+    tiny_clip_tokenizer().save_pretrained(path)
+    s = cfg.vision_config.image_size
+    CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(path)
+  return path
+
 WORDS = ("a photo of the an in on with and is are cat dog bird car tree red blue green yellow "
          "black white small big two three one four man woman person sitting standing next to "
          "table grass street sky water field picture image question answer short what how many "

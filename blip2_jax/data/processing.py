@@ -5,10 +5,14 @@ backend `AutoImageProcessor` and `BlipImageProcessor` fall back to when torchvis
 installed): convert to RGB (alpha composited onto white), PIL bicubic resize to the model's square
 size, rescale by 1/255 (in float64, then float32), normalise with the OpenAI CLIP mean / std in
 float32. It returns NHWC float32 numpy arrays (our models take NHWC); HF returns the same numbers in
-NCHW. `tests/data/test_processing.py` checks they are bit-equal on real photographs.
+NCHW. `tests/data/test_processing.py` checks they are bit-equal on real photographs. With
+`shortest_edge` it is the twin of `CLIPImageProcessorPil` instead (CLIP, the CapFilt ranker): the
+shorter side resized to `shortest_edge` (bicubic, aspect ratio kept, the longer side truncated to an
+int as HF does), then the centred `size` window; `tests/models/test_clip.py` checks it.
 
     proc = ImageProcessor.from_pretrained("blip2-opt-2.7b")   # preprocessor_config.json or config.json
     pixel_values = proc([load_image("cat.jpg"), load_image("dog.png")])   # (2, 224, 224, 3) float32
+    clip_proc = ImageProcessor(224, shortest_edge=224)   # CLIP: short side to 224, centre crop 224
 
 Text: `load_tokenizer(dir)` (transformers `AutoTokenizer` from the checkpoint directory, never the
 hub), the prompts of the paper / LAVIS (`CAPTION_PROMPT`, `vqa_prompt`), and `tokenize_prompts`,
@@ -111,8 +115,33 @@ def _to_rgb_uint8(image) -> np.ndarray:
   return a
 
 
+def _shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+  """HF `get_resize_output_image_size(default_to_square=False)`: the shorter side becomes
+  `shortest_edge`, the longer int(shortest_edge * long / short)."""
+  short, long = (width, height) if width <= height else (height, width)
+  new_long = int(shortest_edge * long / short)
+  return (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
+
+
+def center_crop(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """HF `center_crop` of an (H, W, C) array: the centred (h, w) window; an image smaller than the
+  window is first zero-padded around (HF's rounding of both offsets)."""
+  (ch, cw), (h, w) = size, a.shape[:2]
+  top, left = (h - ch) // 2, (w - cw) // 2
+  if top >= 0 and left >= 0:
+    return a[top:top + ch, left:left + cw]
+  nh, nw = max(ch, h), max(cw, w)
+  pad_top, pad_left = -(-(nh - h) // 2), -(-(nw - w) // 2)
+  out = np.zeros((nh, nw) + a.shape[2:], a.dtype)
+  out[pad_top:pad_top + h, pad_left:pad_left + w] = a
+  top, left = top + pad_top, left + pad_left
+  return out[max(0, top):min(nh, top + ch), max(0, left):min(nw, left + cw)]
+
+
 class ImageProcessor:
-  """numpy / PIL equal of HF `BlipImageProcessor(Pil)`: RGB, bicubic resize, 1/255, CLIP mean / std.
+  """numpy / PIL equal of HF `BlipImageProcessor(Pil)`: RGB, bicubic resize, 1/255, CLIP mean / std;
+  with `shortest_edge`, of `CLIPImageProcessor(Pil)`: the shorter side resized to it, then the centred
+  `size` window (`size` is always the output's (H, W)).
 
   Call it on one image or a list (PIL images, paths, or uint8 (H, W[, C]) arrays); returns float32
   (B, H, W, 3).
@@ -121,8 +150,9 @@ class ImageProcessor:
   def __init__(self, size: int | tuple[int, int] = 224, *, image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
                image_std: Sequence[float] = OPENAI_CLIP_STD, resample: int = PIL_BICUBIC,
                rescale_factor: float = 1 / 255, do_resize: bool = True, do_rescale: bool = True,
-               do_normalize: bool = True, do_convert_rgb: bool = True):
+               do_normalize: bool = True, do_convert_rgb: bool = True, shortest_edge: int | None = None):
     self.size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+    self.shortest_edge = None if shortest_edge is None else int(shortest_edge)
     self.image_mean = tuple(float(m) for m in image_mean)
     self.image_std = tuple(float(s) for s in image_std)
     self.resample = int(resample)
@@ -131,7 +161,8 @@ class ImageProcessor:
     self.do_convert_rgb = do_convert_rgb
 
   def __repr__(self):
-    return (f"ImageProcessor(size={self.size}, resample={self.resample}, mean={self.image_mean}, "
+    edge = "" if self.shortest_edge is None else f"shortest_edge={self.shortest_edge}, "
+    return (f"ImageProcessor(size={self.size}, {edge}resample={self.resample}, mean={self.image_mean}, "
             f"std={self.image_std})")
 
   @classmethod
@@ -153,11 +184,24 @@ class ImageProcessor:
       raise FileNotFoundError(f"{path} has neither preprocessor_config.json nor config.json")
     with open(cj) as f:
       cfg = json.load(f)
-    return cls(size=int((cfg.get("vision_config") or {}).get("image_size", 224)))
+    size = int((cfg.get("vision_config") or {}).get("image_size", 224))
+    return cls(size=size, shortest_edge=size if cfg.get("model_type") == "clip" else None)
 
   @classmethod
   def from_dict(cls, cfg: dict, source: str = "config") -> "ImageProcessor":
-    size = cfg.get("size", 384)  # BlipImageProcessor's class default
+    kind = str(cfg.get("image_processor_type") or cfg.get("feature_extractor_type") or "")
+    clip = kind.startswith("CLIP")  # CLIP's class defaults differ, and it reads an int size as the short side
+    size = cfg.get("size", {"shortest_edge": 224} if clip else 384)  # the class defaults
+    if clip and isinstance(size, int):
+      size = {"shortest_edge": size}
+    kw = {k: cfg[k] for k in ("image_mean", "image_std", "resample", "rescale_factor", "do_resize",
+                              "do_rescale", "do_normalize", "do_convert_rgb") if cfg.get(k) is not None}
+    if isinstance(size, dict) and "shortest_edge" in size and len(size) == 1:
+      if not cfg.get("do_center_crop", clip) or cfg.get("do_pad"):
+        raise ValueError(f"{source}: a shortest_edge resize is supported with do_center_crop only (CLIP)")
+      kw["shortest_edge"], size = size["shortest_edge"], cfg.get("crop_size", 224)
+    elif cfg.get("do_center_crop") or cfg.get("do_pad"):
+      raise ValueError(f"{source}: do_center_crop / do_pad go with a shortest_edge size only (CLIP)")
     if isinstance(size, dict):
       if "height" in size and "width" in size:
         size = (size["height"], size["width"])
@@ -165,17 +209,17 @@ class ImageProcessor:
         raise ValueError(f"{source}: size {size} is not supported (BLIP resizes to height x width)")
     elif isinstance(size, (list, tuple)):
       size = tuple(size)
-    kw = {k: cfg[k] for k in ("image_mean", "image_std", "resample", "rescale_factor", "do_resize",
-                              "do_rescale", "do_normalize", "do_convert_rgb") if cfg.get(k) is not None}
-    if cfg.get("do_center_crop") or cfg.get("do_pad"):
-      raise ValueError(f"{source}: do_center_crop / do_pad are not part of the BLIP processor")
     return cls(size=size, **kw)
 
   def to_dict(self) -> dict:
     """The HF `preprocessor_config.json` fields (loads with `AutoImageProcessor`)."""
-    return dict(image_processor_type="BlipImageProcessor", processor_class="Blip2Processor",
-                size={"height": self.size[0], "width": self.size[1]}, resample=self.resample,
-                image_mean=list(self.image_mean), image_std=list(self.image_std),
+    hw = {"height": self.size[0], "width": self.size[1]}
+    if self.shortest_edge is None:
+      kind = dict(image_processor_type="BlipImageProcessor", processor_class="Blip2Processor", size=hw)
+    else:
+      kind = dict(image_processor_type="CLIPImageProcessor", processor_class="CLIPProcessor",
+                  size={"shortest_edge": self.shortest_edge}, crop_size=hw, do_center_crop=True)
+    return dict(kind, resample=self.resample, image_mean=list(self.image_mean), image_std=list(self.image_std),
                 rescale_factor=self.rescale_factor, do_resize=self.do_resize, do_rescale=self.do_rescale,
                 do_normalize=self.do_normalize, do_convert_rgb=self.do_convert_rgb)
 
@@ -187,11 +231,13 @@ class ImageProcessor:
     else:
       a = np.asarray(load_image(image) if isinstance(image, (str, os.PathLike)) else image)
     if self.do_resize:
-      h, w = self.size
+      h, w = self.size if self.shortest_edge is None else _shortest_edge_size(*a.shape[:2], self.shortest_edge)
       im = PIL.Image.fromarray(a)
       a = np.asarray(im.resize((w, h), resample=self.resample))
       if a.ndim == 2:
         a = a[..., None]
+    if self.shortest_edge is not None:
+      a = center_crop(a, self.size)
     x = a
     if self.do_rescale:  # HF: upcast to float64, multiply, then float32
       x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)

@@ -1,13 +1,15 @@
-"""Inference on top of the composites: generation, captioning, zero-shot VQA, retrieval.
+"""Inference on top of the composites: generation, captioning, zero-shot VQA, retrieval, CLIP scores.
 
     tokens = inference.generate(model, params, pixel_values, input_ids, attention_mask, num_beams=5)
     captions = inference.caption(model, params, tokenizer, ["cat.jpg", "dog.png"])
     answers = inference.answer(model, params, tokenizer, "cat.jpg", ["what colour is the cat?"])
     scores = inference.retrieval_scores(model, params, pixel_values, input_ids, attention_mask, k=128)
+    cosines = inference.clip_scores(clip_model, clip_params, tokenizer, pixel_values, [[web, *captions]])
 
 Everything is batched with fixed shapes (the last batch is padded, `batching`), so each function
 compiles once per model and batch size.
 """
 from blip2_jax.inference.captioning import CAPTION_DEFAULTS, VQA_DEFAULTS, answer, caption, task_defaults  # noqa: F401
+from blip2_jax.inference.clip import clip_scores  # noqa: F401
 from blip2_jax.inference.generation import generate  # noqa: F401
 from blip2_jax.inference.retrieval import retrieval_scores  # noqa: F401

@@ -2,8 +2,9 @@
 
 Families (`FAMILIES`): opt, t5, llama, each its config class, language-model module, name-table
 functions, cache init and whether it is encoder-decoder.
-Architectures (`ARCHITECTURES`): every HF BLIP-2 / InstructBLIP class name, the composite of
-`blip2` that implements it and what it can do. Ask for a capability instead of probing methods:
+Architectures (`ARCHITECTURES`): every HF BLIP-2 / InstructBLIP class name and CLIPModel, the
+composite of `blip2` (or `clip`) that implements it and what it can do. Ask for a capability instead
+of probing methods:
 
   registry.require(model, registry.ITM, "retrieval")  # TypeError naming the models that can
   if registry.can(model, registry.ITG): ...
@@ -110,6 +111,7 @@ ARCHITECTURES = dict([
     _arch("Blip2ForImageTextRetrieval", "Blip2ForImageTextRetrieval", ITC, ITM, ITG),
     _arch("Blip2VisionModelWithProjection", "Blip2VisionModelWithProjection"),
     _arch("Blip2TextModelWithProjection", "Blip2TextModelWithProjection"),
+    _arch("CLIPModel", "CLIPModel", ITC),  # models/clip.py: CapFilt's ranker
 ])
 
 _COMPOSITES: dict[str, type] = {}
@@ -159,7 +161,7 @@ def capabilities(x) -> frozenset[str]:
   caps = set(architecture(cfg.architecture).capabilities)
   if cfg.text is None:
     caps.discard(LM)
-  if cfg.instruct:
+  if getattr(cfg, "instruct", False):  # a BLIP-2 field; other families' configs lack it
     caps.add(INSTRUCT)
   return frozenset(caps)
 
