@@ -214,13 +214,20 @@ def test_strict_loading(base, tmp_path):
   sd["vision_model.embeddings.position_ids"] = np.arange(5)[None]
   cfg_json = json.loads(open(f"{path}/config.json").read())
 
-  def write(state):
+  def write(state, config=cfg_json):
     d = tmp_path / f"ck{len(list(tmp_path.iterdir()))}"
     io.save_state_dict(str(d), state)
-    (d / "config.json").write_text(json.dumps(cfg_json))
+    (d / "config.json").write_text(json.dumps(config))
     return str(d)
 
-  _, p = blip2_jax.from_pretrained(write(sd))  # the buffers are allowed
+  m, _ = blip2_jax.from_pretrained(write(sd))  # the buffers are allowed
+  assert m.config == model.config
+  # the OpenAI repositories' config.json: sizes in text_config_dict / vision_config_dict (transformers
+  # folds them into the tower configs)
+  legacy = dict(cfg_json, text_config={}, vision_config={}, text_config_dict=cfg_json["text_config"],
+                vision_config_dict=cfg_json["vision_config"])
+  m, _ = blip2_jax.from_pretrained(write(sd, legacy))
+  assert m.config == model.config
   missing = {k: v for k, v in sd.items() if k != "text_model.encoder.layers.1.self_attn.k_proj.bias"}
   with pytest.raises(blip2_jax.CheckpointError, match=r"1 missing tensors:\n  text_model\.encoder\.layers\.1\."
                      r"self_attn\.k_proj\.bias"):
