@@ -1,7 +1,8 @@
 """A CapFilt-shaped job without models, for tests/data/test_capfilt_shards.py: reads the input shards
 and writes them through CapfiltOutput, keeping for each image a "synthetic" caption made from its key
-and its sampling seed (input_shards.sample_seed), and its first web text. As a script (`python capfilt_writer.py OUT DELAY INPUT...`) it sleeps DELAY
-seconds per sample, so that a test can kill it mid-shard."""
+and its sampling seed (input_shards.sample_seed), and its first web text. As a script (`python
+capfilt_writer.py OUT DELAY INPUT...`) it sleeps DELAY seconds per sample, so that a test can kill it
+mid-shard."""
 from __future__ import annotations
 
 import sys
