@@ -92,7 +92,8 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.data.source = "annotations"     # annotations | array_record | tfds | shapes
   c.data.annotations = ""           # LAVIS / COCO json or JSONL ({"image", "caption"}), paths under images_dir
   c.data.images_dir = ""
-  c.data.array_record = ""          # prefix or glob of ArrayRecord shards (python -m blip2_jax.data.convert)
+  c.data.array_record = ""          # ArrayRecord shards: a convert prefix, a glob, a directory, or a CapFilt
+                                    # output directory (its complete shards; one kept caption drawn per step)
   c.data.tfds_name = ""
   c.data.tfds_split = "train"
   c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)

@@ -10,7 +10,9 @@ Data: JSONL, one record a line, image paths relative to --images-dir:
 Both files are checked before anything is loaded or compiled (image files missing or not images, text
 fields empty or of the wrong type, unknown keys, records of the wrong kind); a bad file stops the run with
 a report naming every bad line ("FILE:N", N the file line from 1; a JSON list: "FILE: record N", from 1).
-Optional keys: image_id, question_id, id, instance_id, dataset.
+Optional keys: image_id, question_id, id, instance_id, dataset. --train may also be a CapFilt output
+directory (data/capfilt_shards.py; --task caption or instruct): its complete shards, each image with
+its kept captions, one drawn per step.
 
 Bad input exits with status 2 and one line on stderr (the data report: that line, then one per problem)
 before anything is loaded or created: a --model directory that is missing, empty, not a BLIP-2 /
@@ -67,7 +69,7 @@ import sys
 from blip2_jax.cli import options
 from blip2_jax.cli.options import GENERATION_ARCHS, UsageError
 from blip2_jax.core import sharding
-from blip2_jax.data import annotations, processing, sources
+from blip2_jax.data import annotations, capfilt_shards, processing, sources
 from blip2_jax.train import loop, recipe_module, run_config, tasks, validate
 
 TASKS = ("caption", "vqa", "instruct")
@@ -133,6 +135,22 @@ def check_data(path: str, images_dir: str, kinds, what: str) -> int:
   if n == 0:
     raise UsageError(f"{what} {path}: no records")
   return n
+
+
+def check_capfilt(path: str, task: str) -> int:
+  """A CapFilt output directory as --train: UsageError unless it is one with a complete shard and the
+  task trains on captions; returns its image count."""
+  if not capfilt_shards.is_capfilt_dir(path):
+    raise UsageError(f"--train {path}: a directory, but not a CapFilt output ({capfilt_shards.RUN_FILE}); "
+                     "--train takes a JSONL file or a CapFilt output directory")
+  if "caption" not in TRAIN_KINDS[task]:
+    raise UsageError(f"--train {path}: a CapFilt output holds caption records; --task {task} trains on "
+                     f"{' or '.join(TRAIN_KINDS[task])} records")
+  try:
+    capfilt_shards.array_record_paths(path)
+  except FileNotFoundError as e:
+    raise UsageError(f"--train {path}: {e}") from None
+  return capfilt_shards.summary(path)["kept"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -203,9 +221,12 @@ def build_config(args, ckpt: dict):
   c.model.pretrained = args.model
   c.tokenizer.llm = args.model
   c.tokenizer.qformer = ckpt["qformer_tokenizer"]
-  c.data.source = "annotations"
-  c.data.annotations = os.path.abspath(args.train)
-  c.data.images_dir = os.path.abspath(args.images_dir)
+  if os.path.isdir(args.train):  # a CapFilt output (check_capfilt)
+    c.data.source, c.data.array_record = "array_record", os.path.abspath(args.train)
+  else:
+    c.data.source = "annotations"
+    c.data.annotations = os.path.abspath(args.train)
+    c.data.images_dir = os.path.abspath(args.images_dir)
   c.data.eval_annotations = os.path.abspath(args.val) if args.val else ""
   c.data.eval_images_dir = os.path.abspath(args.val_images_dir or args.images_dir) if args.val else ""
   c.eval.num_records = 0  # all of --val
@@ -213,7 +234,10 @@ def build_config(args, ckpt: dict):
   _check_overrides(args.set or [])
   over = options.apply_overrides(c, args.set or [], flag="--set ")
   validate_config(c, over, ckpt)
-  records = len(sources.AnnotationSource.from_file(args.train, args.images_dir))  # caption lists expand
+  if os.path.isdir(args.train):
+    records = capfilt_shards.summary(args.train)["kept"]  # one record per image
+  else:
+    records = len(sources.AnnotationSource.from_file(args.train, args.images_dir))  # caption lists expand
   per_epoch = records // int(c.global_batch_size)
   if per_epoch < 1:
     raise UsageError(f"--train has {records} training examples: no full batch of global_batch_size "
@@ -242,7 +266,8 @@ def parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
   options.add_model_arg(p, "HF directory of a BLIP-2 / InstructBLIP model (save_pretrained)", required=True)
   p.add_argument("--task", required=True, choices=TASKS)
-  p.add_argument("--train", required=True, help="training annotations (JSONL, format below)")
+  p.add_argument("--train", required=True, help="training annotations (JSONL, format below) or a CapFilt output "
+                 "directory")
   p.add_argument("--val", default="", help="validation annotations (JSONL), evaluated every epoch; "
                  "without it there is no evaluation and no WORKDIR/best")
   p.add_argument("--images-dir", default=None, help="image paths are relative to this (default: --train's directory)")
@@ -276,7 +301,10 @@ def _main(argv) -> int:
   args = parser().parse_args(argv)
   if args.images_dir is None:
     args.images_dir = os.path.dirname(os.path.abspath(args.train))
-  n_train = check_data(args.train, args.images_dir, TRAIN_KINDS[args.task], "--train")
+  if os.path.isdir(args.train):
+    n_train = check_capfilt(args.train, args.task)
+  else:
+    n_train = check_data(args.train, args.images_dir, TRAIN_KINDS[args.task], "--train")
   if args.val:
     check_data(args.val, args.val_images_dir or args.images_dir, VAL_KINDS[args.task], "--val")
   args.model = options.model_dir(args.model, revision=args.revision)  # after the cheap checks: it may download

@@ -18,7 +18,8 @@ Annotation formats (`read_annotations`):
 (LAVIS's caption training sets hold one record per caption). `validate_annotations` reports bad
 lines up front.
 
-ArrayRecord record layout (written by `blip2_jax.data.convert`, read by `ArrayRecordSource`):
+ArrayRecord record layout (written by `blip2_jax.data.convert` and by CapFilt, data/capfilt_shards.py;
+read by `ArrayRecordSource`):
     b"B2JR" | header length (uint32, little endian) | header (UTF-8 JSON object) | image file bytes
 The header is the annotation record without "image" (its path moves to "image_path"); the image
 bytes are the original file, not re-encoded. No dependency beyond the standard library.
@@ -36,6 +37,7 @@ import numpy as np
 from blip2_jax.data import annotations
 
 _MAGIC = b"B2JR"
+CAPFILT_RUN_FILE = "capfilt.json"  # marks a CapFilt output directory (data/capfilt_shards.py)
 
 
 
@@ -100,12 +102,21 @@ def deserialize_record(data: bytes) -> dict:
 
 
 def shard_paths(prefix_or_paths: str | os.PathLike | Sequence[str]) -> list[str]:
-  """A list of .array_record files, one file, or the `--output` prefix of convert (its shards, sorted)."""
+  """A list of .array_record files, one file, a directory of them, or the `--output` prefix of
+  convert (its shards); a directory's and a prefix's files sorted."""
   if not isinstance(prefix_or_paths, (str, os.PathLike)):
     return [os.fspath(p) for p in prefix_or_paths]
   p = os.fspath(prefix_or_paths)
   if os.path.isfile(p):
     return [p]
+  if os.path.isdir(p):
+    if os.path.isfile(os.path.join(p, CAPFILT_RUN_FILE)):
+      raise ValueError(f"{p} is a CapFilt output directory: read its complete shards through "
+                       "blip2_jax.data.capfilt_shards.array_record_paths")
+    paths = sorted(glob.glob(os.path.join(glob.escape(p), "*.array_record")))
+    if not paths:
+      raise FileNotFoundError(f"no .array_record files in directory {p}")
+    return paths
   paths = sorted(glob.glob(glob.escape(p) + "-*-of-*.array_record"))
   if not paths:
     paths = sorted(glob.glob(p))

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from blip2_jax.core import sharding as shd
-from blip2_jax.data import pipeline, sources, synthetic
+from blip2_jax.data import capfilt_shards, pipeline, sources, synthetic
 from blip2_jax.train import batches, checkpointing, optim, reporting, run_config, tasks
 from blip2_jax.train import evaluate as eval_lib
 from blip2_jax.train import export as export_lib
@@ -62,7 +62,8 @@ def make_source(config):
   if d.source == "array_record":
     if not d.array_record:
       raise ValueError("data.source='array_record' needs data.array_record (shard prefix or paths)")
-    return sources.ArrayRecordSource(d.array_record, expand_captions=False)
+    # a CapFilt output directory reads its complete shards; a record's caption list gives one per step
+    return sources.ArrayRecordSource(capfilt_shards.array_record_paths(d.array_record), expand_captions=False)
   if d.source == "tfds":
     if not d.tfds_name:
       raise ValueError("data.source='tfds' needs data.tfds_name")

@@ -3,13 +3,15 @@
 `python -m blip2_jax.train` (after its --config.KEY overrides) and `python -m blip2_jax.finetune`
 (after its --set KEY=VALUE overrides) call `check_values`: a value training would fail on late
 (global_batch_size=0: a ZeroDivisionError, model.dtype=float8: a TypeError, num_epochs=0 without
-total_steps: no steps) is one UsageError naming the field, its value and the problem.
+total_steps: no steps; data.array_record naming no ArrayRecord file or a CapFilt output without a
+complete shard) is one UsageError naming the field, its value and the problem.
 """
 from __future__ import annotations
 
 import math
 
 from blip2_jax.core.errors import UsageError
+from blip2_jax.data import capfilt_shards
 from blip2_jax.models import layers
 
 # Integer fields and their smallest valid value.
@@ -59,6 +61,11 @@ def check_values(c, *, overridden=(), prefix: str = "--set ", patch_size: int | 
     v = get(c, key)
     if v is not _MISSING and not (_is_number(v) and ok(float(v))):
       fail(key, what)
+  if get(c, "data.source") == "array_record" and get(c, "data.array_record"):
+    try:  # files that are not there, or a CapFilt output without a complete shard
+      capfilt_shards.array_record_paths(get(c, "data.array_record"))
+    except (FileNotFoundError, ValueError) as e:
+      fail("data.array_record", str(e))
   mesh = get(c, "mesh")
   if mesh is not _MISSING:
     mesh = tuple(mesh) if isinstance(mesh, (tuple, list)) else (mesh,)
