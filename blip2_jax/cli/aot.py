@@ -7,7 +7,8 @@ no weights, no data), or with `--topology gpu` / `local` for the devices attache
 memory per device against the chip's HBM, FLOPs, collectives, HBM traffic, replicated arrays and a
 roofline step time / MFU / days; `--run N` also times N steps on random weights and data there.
 Exit status: 0 it fits, 1 it does not fit in HBM (one line with the numbers) or compiling failed,
-2 bad input (one line naming it); --debug shows tracebacks and libtpu's / XLA's own log.
+2 bad input (one line naming it: a flag given twice, a libtpu that is not the version this jax was
+released with, checked before compiling); --debug shows tracebacks and libtpu's / XLA's own log.
 """
 from __future__ import annotations
 
@@ -115,9 +116,17 @@ def _recipe_name(argv) -> str:
   return ""
 
 
+def _help() -> str:
+  return __doc__ + "\nflags:\n" + flags.FLAGS.module_help(sys.modules[__name__])
+
+
 def _main(argv: list[str]) -> int:
+  if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):  # absl's own --help lives in absl.app
+    print(_help())
+    return 0
   # --global-batch as well as absl's --global_batch
   argv = [("--global_batch" + a[len("--global-batch"):]) if a.startswith("--global-batch") else a for a in argv]
+  options.refuse_repeated_flags(argv)
   sys.path.insert(0, os.getcwd())  # `configs.common` imports resolve from the repository root
   _parse(["blip2_jax.aot"] + argv)
 

@@ -13,7 +13,11 @@ not recursive).
 Bad input stops the run before the model loads, with one line on stderr and exit status 2: a
 missing IMAGE file, an --images-dir without images, an --output that cannot be written (its
 directory missing or read-only, or a directory), a --model directory that is missing, empty, not
-a BLIP-2 checkpoint, without weights or tokenizer, or with a truncated model.safetensors. A file
+a BLIP-2 checkpoint, without weights or tokenizer, or with a truncated model.safetensors, a flag
+given twice, --min-new-tokens above --max-new-tokens, or queries + prompt + --max-new-tokens past
+the LLM's positions (OPT / LLaMA max_position_embeddings; the numbers are named). NaN or infinite
+logits (a model with NaN weights) stop the run with one line and exit status 1. An image above
+--max-image-pixels (default 178,956,970) is skipped with the setting that allows it named. A file
 that exists but cannot be decoded (corrupt, truncated, not an image) is skipped: it gets no output
 line, every skipped file is listed with its reason on stderr at the end, and the exit status is 1
 (the other captions are still printed and written). Any other failure: one line, exit status 1
@@ -31,6 +35,7 @@ from blip2_jax import inference
 from blip2_jax.checkpoints import hf
 from blip2_jax.cli import options
 from blip2_jax.cli.options import GENERATION_ARCHS, RETRIEVAL_ARCH, UsageError
+from blip2_jax.decoding import qformer as qformer_decoding
 
 
 def check_stage1_checkpoint(model_dir: str, prompt: str | None) -> None:
@@ -64,6 +69,7 @@ def parser():
   p.add_argument("--prompt", default=None, help='text the caption continues (default "a photo of"; "" for none)')
   p.add_argument("--output", help="also write JSONL {image, caption} lines here (checked before any work)")
   options.add_generation_args(p, inference.CAPTION_DEFAULTS)
+  options.add_image_args(p)
   return p
 
 
@@ -74,16 +80,24 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
   a = parser().parse_args(argv)
   opts = options.generation_options(a)
+  options.apply_image_args(a)
   options.check_output(a.output)
   paths, names = options.image_inputs(a.images, a.images_dir)
   a.model = options.model_dir(a.model, revision=a.revision)
   cfg = options.check_checkpoint(a.model, archs=GENERATION_ARCHS + (RETRIEVAL_ARCH,), task="captioning")
   if options.architecture(cfg) == RETRIEVAL_ARCH:  # stage 1: the Q-Former's LM head
     check_stage1_checkpoint(a.model, a.prompt)
+    try:  # the options and the Q-Former's positions, before the weights load
+      qformer_decoding.checked_options(options.model_config(a.model), **opts)
+    except ValueError as e:
+      raise UsageError(str(e)) from None
     model, params, tok, head, proc = load_stage1_checkpoint(a.model, a.dtype)
     kw = dict(qformer_lm_head=head)
   else:
-    model, params, tok, qtok, proc = options.load_generation_checkpoint(a.model, a.dtype, "captioning")
+    prompts = inference.caption_prompts(1, a.prompt)
+    model, params, tok, qtok, proc = options.load_generation_checkpoint(
+        a.model, a.dtype, "captioning", check=lambda c, t, q: inference.check_generation(
+            c, t, prompts, "caption", qformer_tokenizer=q, **opts))
     kw = dict(qformer_tokenizer=qtok, prompt=a.prompt)
 
   errors: list = []

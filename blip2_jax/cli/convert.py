@@ -2,8 +2,9 @@
 (installed: blip2-convert)
 
 Writes ArrayRecord shards of an annotation file and its images (`blip2_jax.data.convert.convert`).
-Bad input (an annotation file that is missing or not valid, a missing --images-dir, an --output prefix
-whose directory cannot be created, --num-shards below 1) stops before anything is written: one line
+Bad input (an annotation file that is missing or not valid, a missing --images-dir, an image path that
+leads outside it unless --allow-outside-images-dir, an --output prefix whose directory cannot be
+created, --num-shards below 1, a flag given twice) stops before anything is written: one line
 on stderr, exit status 2 (`--debug` shows the traceback). Unreadable images are skipped and listed;
 the exit status is 1 when no record could be written.
 """
@@ -14,7 +15,7 @@ import sys
 
 from blip2_jax.cli import options
 from blip2_jax.cli.options import UsageError
-from blip2_jax.data.annotations import read_annotations
+from blip2_jax.data.annotations import outside_report, read_annotations
 from blip2_jax.data.convert import convert
 
 
@@ -26,6 +27,7 @@ def parser():
   p.add_argument("--num-shards", type=options.positive_int, default=1, help="files to write (default 1)")
   p.add_argument("--expand-captions", action="store_true", help="one record per caption of a caption list")
   p.add_argument("--no-progress", action="store_true")
+  options.add_image_args(p, annotations_dir=True)
   return p
 
 
@@ -43,6 +45,9 @@ def check_args(a) -> None:
     raise UsageError(f"--annotations {'' if named else a.annotations + ': '}{e}") from None
   if not records:
     raise UsageError(f"--annotations {a.annotations}: holds no records")
+  outside = None if a.allow_outside_images_dir else outside_report((r.get("image") for r in records), a.images_dir)
+  if outside:
+    raise UsageError(f"--annotations {a.annotations}: {outside}")
 
 
 def main(argv=None) -> int:
@@ -51,6 +56,7 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
   a = parser().parse_args(argv)
+  options.apply_image_args(a)
   check_args(a)
   res = convert(a.annotations, a.images_dir, a.output, num_shards=a.num_shards, expand=a.expand_captions,
                 progress=not a.no_progress)

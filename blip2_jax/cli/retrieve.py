@@ -11,9 +11,12 @@ pair's ITC score and "i2t" / "t2i" hold -100 for the pairs that were not re-rank
 
 Bad input stops the run before the model loads, with one line on stderr and exit status 2 (a
 missing or empty --images-dir or --texts, an --output that cannot be written, a --model directory
-that is not a readable Blip2ForImageTextRetrieval checkpoint, --k / --top / --batch-size below 1).
-Images in --images-dir that cannot be decoded are skipped and listed on stderr, and the exit status
-is then 1 (the others are still ranked). Any other failure: one line, exit status 1 (`--debug`
+that is not a readable Blip2ForImageTextRetrieval checkpoint, --k / --top / --batch-size below 1,
+--max-text-len beyond the Q-Former's positions, a flag given twice, a --texts byte that is not UTF-8,
+named by line and column). Images in --images-dir that cannot be decoded (or are larger than
+--max-image-pixels) are skipped and listed on stderr, and the exit status is then 1 (the others are
+still ranked). Features or scores that are not finite (a model with NaN weights) stop the run with
+one line, exit status 1, and no rankings. Any other failure: one line, exit status 1 (`--debug`
 shows the traceback).
 """
 from __future__ import annotations
@@ -29,7 +32,7 @@ from blip2_jax.checkpoints import hf
 from blip2_jax.cli import options
 from blip2_jax.cli.options import RETRIEVAL_ARCH, Failure, UsageError
 from blip2_jax.core.progress import progress_bar
-from blip2_jax.data import processing
+from blip2_jax.data import annotations, processing
 
 NOT_RERANKED = -100.0  # inference.retrieval_scores' i2t / t2i value for pairs outside a top k (LAVIS's)
 
@@ -38,9 +41,10 @@ def read_texts(path: str) -> list[str]:
   """The non-empty lines of --texts, stripped; UsageError when the file is missing, unreadable or empty."""
   options.check_input_file(path, "--texts")
   try:
-    with open(path, encoding="utf-8") as f:
-      texts = [line.strip() for line in f if line.strip()]
-  except (OSError, UnicodeDecodeError) as e:
+    texts = [line.strip() for line in annotations.read_utf8(path).splitlines() if line.strip()]
+  except annotations.AnnotationError as e:  # FILE:LINE:COLUMN of a byte that is not UTF-8
+    raise UsageError(f"--texts {e}") from None
+  except OSError as e:
     raise UsageError(f"--texts {path}: cannot read it: {e}") from None
   if not texts:
     raise UsageError(f"--texts {path}: holds no non-empty lines")
@@ -94,6 +98,7 @@ def parser():
                  help="images / texts / pairs per compiled batch (default 32)")
   p.add_argument("--max-text-len", type=options.positive_int, default=35, help="tokens per text (default 35)")
   p.add_argument("--output", help="write all scores as JSON here (checked before any work)")
+  options.add_image_args(p)
   return p
 
 
@@ -103,11 +108,13 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
   a = parser().parse_args(argv)
+  options.apply_image_args(a)
   options.check_output(a.output)
   images = options.list_images(a.images_dir)
   texts = read_texts(a.texts)
   a.model = options.model_dir(a.model, revision=a.revision)
   options.check_checkpoint(a.model, archs=(RETRIEVAL_ARCH,), task="retrieval")
+  options.check_text_len(a.model, a.max_text_len)
   tok = options.load_tokenizer(a.model)
   proc = options.load_image_processor(a.model)
   names_all = [os.path.basename(f) for f in images]

@@ -13,8 +13,8 @@ coordinator environment) calls jax.distributed.initialize first, with --coordina
 --num-processes / --process-id when the environment does not provide them. The flags with an
 underscore (--max_steps, --num_processes, --process_id) are also accepted with a dash.
 
-Bad input exits with status 2 and one line on stderr before anything is created: an unknown flag, a
---config file that is missing or fails to load, a --config.KEY override of a field the recipe does not
+Bad input exits with status 2 and one line on stderr before anything is created: an unknown flag or
+one given twice, a --config file that is missing or fails to load, a --config.KEY override of a field the recipe does not
 have or of the wrong type, a value training would fail on (global_batch_size=0, num_epochs=0 without
 total_steps, model.dtype=float8, ...), a --workdir that is a file or cannot be written, a Hub id that
 cannot be had. A failure during training: one line and exit status 1 (`--debug` shows the traceback);
@@ -69,6 +69,7 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
   argv = [_alias(a) for a in argv]
+  options.refuse_repeated_flags(argv)
   if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv):
     print(__doc__ + "\nflags:\n" + FLAGS.get_help())
     return 0

@@ -10,7 +10,8 @@ One image a run: --image given twice is refused (`python -m blip2_jax.evaluate -
 questions about many images). Bad input stops the run before the model loads, with one line on
 stderr and exit status 2 (a missing or unreadable --image, an empty --question, an --output that
 cannot be written, a --model directory that is not a readable BLIP-2 / InstructBLIP checkpoint
-with a language model). Any other failure: one line, exit status 1 (`--debug` shows the traceback).
+with a language model, another flag given twice, a non-finite --length-penalty, --min-new-tokens above
+--max-new-tokens, queries + prompt + new tokens past the LLM's positions). NaN logits: one line, exit 1. Any other failure: one line, exit status 1 (`--debug` shows the traceback).
 """
 from __future__ import annotations
 
@@ -29,12 +30,13 @@ def parser():
   p.add_argument("--image", required=True, action="append",
                  help="the image file the questions are about (one a run)")
   p.add_argument("--question", required=True, action="append", help="repeat for several questions")
-  p.add_argument("--length-penalty", type=float, default=inference.VQA_DEFAULTS["length_penalty"],
+  p.add_argument("--length-penalty", type=options.finite_float, default=inference.VQA_DEFAULTS["length_penalty"],
                  help=f"beam search length penalty (default {inference.VQA_DEFAULTS['length_penalty']}, LAVIS)")
   p.add_argument("--prompt-template", default=None,
                  help='override the prompt, with {} for the question (e.g. "Question: {} Short answer:")')
   p.add_argument("--output", help="also write JSONL {image, question, answer} lines here (checked before any work)")
   options.add_generation_args(p, inference.VQA_DEFAULTS)
+  options.add_image_args(p)
   return p
 
 
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
   a = parser().parse_args(argv)
   opts = options.generation_options(a)
+  options.apply_image_args(a)
   if len(a.image) > 1:
     raise UsageError(f"--image given {len(a.image)} times ({', '.join(a.image)}): vqa answers questions about "
                      "one image; run it once per image, or use python -m blip2_jax.evaluate --task vqa")
@@ -60,7 +63,10 @@ def _main(argv) -> int:
   except processing.ImageLoadError as e:
     raise UsageError(f"--image: {e}") from None
   a.model = options.model_dir(a.model, revision=a.revision)
-  model, params, tok, qtok, proc = options.load_generation_checkpoint(a.model, a.dtype, "VQA")
+  model, params, tok, qtok, proc = options.load_generation_checkpoint(
+      a.model, a.dtype, "VQA", check=lambda c, t, q: inference.check_generation(
+          c, t, inference.vqa_prompts(c, questions, a.prompt_template), "vqa", qformer_tokenizer=q,
+          length_penalty=a.length_penalty, **opts))
   answers = inference.answer(model, params, tok, [image], questions, batch_size=a.batch_size, progress=True,
                              qformer_tokenizer=qtok, processor=proc, prompt_template=a.prompt_template,
                              length_penalty=a.length_penalty, **opts)

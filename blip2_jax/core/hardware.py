@@ -8,6 +8,7 @@ bandwidth is per chip, both directions, over all its links; `link_bw` splits it 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import re
 
 GIB = 1 << 30
@@ -140,6 +141,42 @@ def libtpu_available() -> bool:
   except (ImportError, AttributeError):  # another jax layout
     import importlib.util
     return importlib.util.find_spec("libtpu") is not None
+
+
+def libtpu_requirement() -> str | None:
+  """The libtpu this jax was released with, as its `jax[tpu]` extra pins it in jax's package metadata
+  (e.g. "libtpu==0.0.42.*"), or None when the metadata names none."""
+  try:
+    from packaging.requirements import Requirement
+    reqs = importlib.metadata.requires("jax") or []
+  except (ImportError, importlib.metadata.PackageNotFoundError):
+    return None
+  for text in reqs:
+    req = Requirement(text)
+    if req.name.lower() == "libtpu" and (req.marker is None or req.marker.evaluate({"extra": "tpu"})):
+      return f"libtpu{req.specifier}"
+  return None
+
+
+def libtpu_mismatch() -> str | None:
+  """One line saying which libtpu to install when the installed libtpu distribution is not the one
+  `libtpu_requirement` names (a plain `pip install libtpu` gives the newest, which then fails inside
+  XLA after minutes of compiling, a RET_CHECK on reading the HLO back); None when it is, or when
+  either is unknown."""
+  want = libtpu_requirement()
+  try:
+    have = importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  if want is None:
+    return None
+  from packaging.requirements import Requirement
+  if Requirement(want).specifier.contains(have, prereleases=True):
+    return None
+  jax_version = importlib.metadata.version("jax")
+  return (f"libtpu {have} is installed, but jax {jax_version} was released with {want} (what jax[tpu] pins; "
+          f"another libtpu fails inside XLA after minutes of compiling): pip install \"{want}\" "
+          f"(or pip install \"jax[tpu]=={jax_version}\")")
 
 
 def is_local(name: str) -> bool:

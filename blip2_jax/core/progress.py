@@ -5,7 +5,8 @@ import sys
 
 
 def progress_bar(total: int, desc: str, enabled: bool = True):
-  """A tqdm bar on stderr when tqdm is installed and `enabled`, else a no-op."""
+  """A tqdm bar on stderr when tqdm is installed and `enabled`, else a no-op. Use it in a `with` block
+  so that an error closes (clears) it first and its one line is not appended to the bar's."""
   if enabled:
     try:
       from tqdm.auto import tqdm
@@ -19,4 +20,10 @@ def progress_bar(total: int, desc: str, enabled: bool = True):
 
     def close(self):
       pass
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return False
   return _Null()

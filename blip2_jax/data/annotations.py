@@ -20,6 +20,9 @@ import json
 import os
 from typing import Any, Iterable, Sequence
 
+from blip2_jax.data import processing
+from blip2_jax.data.transforms import empty_after_cleaning
+
 TEXT_SCHEMAS = {  # schema name -> required text fields
     "caption": ("caption",),
     "vqa": ("question", "answers"),
@@ -29,14 +32,31 @@ META_KEYS = frozenset({"image_id", "question_id", "id", "instance_id", "dataset"
 KNOWN_KEYS = frozenset({"image"}) | {k for ks in TEXT_SCHEMAS.values() for k in ks} | META_KEYS
 
 
+class AnnotationError(ValueError):
+  """An annotation file is unreadable or malformed; the message names the file and the record."""
+
+
+def read_utf8(path: str) -> str:
+  """The text of a UTF-8 file; AnnotationError naming the line and column of a byte that is not UTF-8
+  (Python's own message gives a byte offset, which no editor shows)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    col = len(data[data.rfind(b"\n", 0, e.start) + 1:e.start].decode("utf-8", "replace")) + 1
+    raise AnnotationError(f"{path}:{line}:{col}: byte 0x{data[e.start]:02x} is not UTF-8 ({e.reason}); the file must "
+                          "be UTF-8 text (re-encode it, e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _read_raw(path: str) -> tuple[str, list[tuple[int, Any]]]:
   """(unit, [(number, parsed object or Exception)]): unit "line" numbers JSONL physical file lines,
   unit "record" numbers the records of a JSON list (COCO captions: its images that have captions); both from 1."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"annotation file not found: {path}")
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = read_utf8(path)
   if path.endswith(".jsonl") or (not text.lstrip().startswith(("[", "{")) or _looks_jsonl(text)):
     out = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -136,18 +156,47 @@ def _text_problem(key: str, v) -> str | None:
   elif not isinstance(v, str):
     return f'"{key}" must be a string, not {_type_name(v)} ({json.dumps(v)[:40]})'
   if isinstance(v, str):
-    return None if v.strip() else f'empty text in "{key}"'
-  if not v:
+    v = [v]
+  elif not v:
     return f'"{key}" is an empty list'
   bad = [x for x in v if not isinstance(x, str)]
   if bad:
     return f'"{key}" must hold strings, found {_type_name(bad[0])} ({json.dumps(bad[0])[:40]})'
   if not all(x.strip() for x in v):
     return f'empty text in "{key}"'
+  if key == "caption":
+    empty = [x for x in v if empty_after_cleaning(x)]
+    if empty:
+      return (f'{len(empty)} caption(s) empty after cleaning ({", ".join(json.dumps(x) for x in empty[:3])}): '
+              'pre_caption drops . ! " ( ) * # : ; ~ and what is left is blank or invisible')
   return None
 
 
-def _image_problem(rec: dict, root: str, check_files: bool) -> str | None:
+def leaves_images_dir(image: str) -> bool:
+  """True for an image path that leads outside the directory it is relative to: an absolute path, or
+  one whose `..` climbs above it. Lexical (symbolic links inside the directory may point anywhere)."""
+  norm = os.path.normpath(image)
+  return os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep)
+
+
+OUTSIDE_FLAG = "--allow-outside-images-dir"
+
+
+def outside_problem(image: str, images_dir: str) -> str:
+  return (f"image path {image!r} leads outside the images directory {images_dir} (absolute, or up with ..); "
+          f"{OUTSIDE_FLAG} reads such paths")
+
+
+def outside_report(images: Iterable, images_dir: str) -> str | None:
+  """One line naming the first image path of `images` that leads outside `images_dir` and how many do,
+  or None when none does (non-strings are left to the record checks)."""
+  outside = [p for p in dict.fromkeys(i for i in images if isinstance(i, str)) if leaves_images_dir(p)]
+  if not outside:
+    return None
+  return outside_problem(outside[0], images_dir) + (f" ({len(outside)} such paths)" if len(outside) > 1 else "")
+
+
+def _image_problem(rec: dict, root: str, check_files: bool, allow_outside: bool = True) -> str | None:
   if "image" not in rec:
     return 'missing "image" path'
   img = rec["image"]
@@ -155,6 +204,8 @@ def _image_problem(rec: dict, root: str, check_files: bool) -> str | None:
     return f'"image" must be a path string, not {_type_name(img)} ({json.dumps(img)[:60]})'
   if not img.strip():
     return 'empty "image" path'
+  if not allow_outside and leaves_images_dir(img):
+    return outside_problem(img, root)
   if check_files:
     full = os.path.join(root, img)
     if not os.path.isfile(full):
@@ -163,12 +214,14 @@ def _image_problem(rec: dict, root: str, check_files: bool) -> str | None:
 
 
 def _unreadable_image(path: str) -> str | None:
-  """Why the file at `path` is not an image Pillow can open (its header only: cheap), or None."""
-  import PIL.Image
+  """Why the file at `path` is not an image Pillow can open (its header only: cheap), or None; an image
+  above `processing.max_image_pixels` says so and names the setting that allows it."""
   try:
-    with PIL.Image.open(path) as im:
+    with processing.open_image(path, path) as im:
       im.size  # noqa: B018 - the header is parsed on open; size is what every format has
-  except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+  except processing.ImageLoadError as e:
+    return str(e)
+  except (OSError, ValueError, SyntaxError) as e:
     return f"not a readable image: {path} ({type(e).__name__}: {e})"
   return None
 
@@ -189,7 +242,8 @@ class Problems(list):
 
 def validate_annotations(records: str | os.PathLike | Sequence[dict], images_dir: str | os.PathLike | None,
                          *, extra_keys: Iterable[str] = (), check_files: bool = True,
-                         check_images: bool = False, kinds: Iterable[str] | None = None) -> Problems:
+                         check_images: bool = False, kinds: Iterable[str] | None = None,
+                         allow_outside_images_dir: bool = False) -> Problems:
   """Checks every record up front -> Problems [(number, problem)], empty when all is well.
 
   `records` is a path (numbers are JSONL file lines, or record numbers in a JSON list, from 1) or a
@@ -198,7 +252,9 @@ def validate_annotations(records: str | os.PathLike | Sequence[dict], images_dir
   not an image Pillow can open (when `check_images`: reads each file's header only, so a file cut
   short inside its pixel data still passes), no known text field, a required text field missing,
   empty or of the wrong type ("caption": a string or a list of strings; "answers": a list of strings;
-  "question", "instruction", "response": a string), fields of two record kinds in one record, a kind
+  "question", "instruction", "response": a string), a caption empty after `pre_caption` ("...", a
+  zero-width space: training would learn from nothing), an image path that leads outside `images_dir`
+  (absolute or climbing with .., unless `allow_outside_images_dir`), fields of two record kinds in one record, a kind
   outside `kinds` (a subset of TEXT_SCHEMAS: what the task trains on), unknown keys (anything outside
   the three schemas, META_KEYS and `extra_keys`; a likely misspelling is named, e.g. "answer" -> "answers").
   """
@@ -220,7 +276,7 @@ def validate_annotations(records: str | os.PathLike | Sequence[dict], images_dir
     if not isinstance(rec, dict):
       problems.append((n, f"not a JSON object ({type(rec).__name__})"))
       continue
-    img_problem = _image_problem(rec, root, check_files)
+    img_problem = _image_problem(rec, root, check_files, allow_outside_images_dir or images_dir is None)
     if img_problem is None and check_files and check_images:
       img_problem = _unreadable_image(os.path.join(root, rec["image"]))
     if img_problem is not None:
@@ -279,16 +335,14 @@ def expand_captions(records: Sequence[dict]) -> list[dict]:
 # evaluation views
 
 
-class AnnotationError(ValueError):
-  """An annotation file is unreadable or malformed; the message names the file and the record."""
-
-
 def _located(path: str) -> list[tuple[str, Any]]:
   """[(where, record)] of an annotation file, read by `_read_raw` (the one reader); AnnotationError
   naming the file, or the record, for what cannot be read."""
   path = os.fspath(path)
   try:
     unit, raw = _read_raw(path)
+  except AnnotationError:
+    raise
   except FileNotFoundError as e:
     raise AnnotationError(str(e)) from None
   except (OSError, UnicodeDecodeError) as e:

@@ -16,8 +16,9 @@ only on the seed, the shard, the step and `worker_count`, never on timing or the
 (With worker_count > 0 grain gives each worker a slice of the stream and interleaves their batches,
 so changing worker_count changes the order; keep it fixed when resuming from a saved state.)
 
-Bad images: a record whose image is missing, truncated or undecodable is skipped, never a crash.
-The map returns a marker (and logs a warning naming the file); the skip-counting stage drops the
+Bad records: a record whose image is missing, truncated or undecodable, or whose caption is empty after
+`pre_caption` ("...", a zero-width space: nothing to train on), is skipped, never a crash and never
+trained on. The map returns a marker (and logs a warning naming the record); the skip-counting stage drops the
 marker and adds 1 to the "num_skipped" field of the next example it yields. Every batch therefore
 carries `batch["num_skipped"]`, an int32 scalar: the records skipped while assembling that batch.
 The training loop pops it before the step and adds it to its logged metrics (summed over
@@ -42,7 +43,7 @@ import grain
 import numpy as np
 
 from blip2_jax.data.processing import ImageLoadError, ImageProcessor
-from blip2_jax.data.transforms import MAX_WORDS, decode_image, pre_caption, train_image_transform
+from blip2_jax.data.transforms import MAX_WORDS, decode_image, is_blank, pre_caption, train_image_transform
 
 log = logging.getLogger("blip2_jax.data")
 
@@ -118,8 +119,10 @@ class _Example:
       if self.tokenize_fn is not None:
         raise ValueError("a text_fn returning several fields cannot be combined with a tokenizer")
       return {k: str(v) for k, v in text.items()}
-    text = pre_caption(text, self.max_words)
-    return self.tokenize_fn(text) if self.tokenize_fn is not None else {"text": text}
+    cleaned = pre_caption(text, self.max_words)
+    if is_blank(cleaned):
+      raise _EmptyCaption(f"caption {text!r} is empty after cleaning (pre_caption)")
+    return self.tokenize_fn(cleaned) if self.tokenize_fn is not None else {"text": cleaned}
 
   def __call__(self, index, rng: np.random.Generator | None = None) -> dict:
     index = int(index)
@@ -133,7 +136,16 @@ class _Example:
       image = train_image_transform(im, rng, self.image_size)
     else:
       image = self.processor.preprocess_one(im)
-    return {"image": image, **self._text(record, rng), "index": np.int64(index)}
+    try:
+      text = self._text(record, rng)
+    except _EmptyCaption as e:
+      log.warning("skipping record %s: %s", _name(record, index), e)
+      return {_MARKER: _name(record, index), "error": str(e)}
+    return {"image": image, **text, "index": np.int64(index)}
+
+
+class _EmptyCaption(ValueError):
+  pass
 
 
 class _TrainMap(grain.transforms.RandomMap):
@@ -167,8 +179,8 @@ class _SkipCountingIterator(grain.DatasetIterator):
       if _MARKER in x:
         n += 1
         if n >= self._max:
-          raise RuntimeError(f"{n} images in a row could not be read (the last: {x[_MARKER]}: {x['error']}); "
-                             "check the image paths / images_dir")
+          raise RuntimeError(f"{n} images in a row could not be read or had no caption (the last: {x[_MARKER]}: "
+                             f"{x['error']}); check the image paths / images_dir and the captions")
         continue
       x[SKIPPED] = np.int32(n)
       return x

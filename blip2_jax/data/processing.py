@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -42,6 +43,72 @@ VQA_TEMPLATES = {"opt": "Question: {} Answer:", "llama": "Question: {} Answer:",
 
 class ImageLoadError(ValueError):
   """An image file is missing, unreadable or not an image; the message names the file."""
+
+
+# Pillow's decompression-bomb guard warns (two lines, its own) above Image.MAX_IMAGE_PIXELS (89,478,485)
+# and refuses above twice that, with no setting of ours to allow a large image. `open_image` replaces it
+# with one limit: images up to MAX_IMAGE_PIXELS_DEFAULT pixels (what Pillow decodes) open silently,
+# larger ones are refused naming the image and the setting that allows them.
+MAX_IMAGE_PIXELS_ENV = "BLIP2_JAX_MAX_IMAGE_PIXELS"
+MAX_IMAGE_PIXELS_DEFAULT = 2 * 89_478_485
+_PIL_GUARD = threading.Lock()  # open_image turns Pillow's global guard off for the header read only
+
+
+def max_image_pixels() -> int | None:
+  """The most pixels an image may have (None: no limit): $BLIP2_JAX_MAX_IMAGE_PIXELS (0 for none; the
+  commands' --max-image-pixels sets it, so data-loading workers see it too), else
+  MAX_IMAGE_PIXELS_DEFAULT. ValueError for a value that is not an integer >= 0."""
+  text = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+  if not text:
+    return MAX_IMAGE_PIXELS_DEFAULT
+  try:
+    n = int(text.replace("_", ""))
+  except ValueError:
+    n = -1
+  if n < 0:
+    raise ValueError(f"{MAX_IMAGE_PIXELS_ENV}={text!r}: expected a number of pixels (an integer >= 0; 0: no limit)")
+  return n or None
+
+
+def set_max_image_pixels(n: int | None) -> None:
+  """Sets the limit of `max_image_pixels` for this process and its children (None or 0: no limit)."""
+  os.environ[MAX_IMAGE_PIXELS_ENV] = str(int(n or 0))
+
+
+def open_image(src, label: str):
+  """`PIL.Image.open(src)` (the header only; pixels load later) under `max_image_pixels` instead of
+  Pillow's guard: ImageLoadError naming `label`, its size and the setting when it is larger."""
+  PIL = _pil()
+  limit = max_image_pixels()
+  with _PIL_GUARD:
+    saved, PIL.Image.MAX_IMAGE_PIXELS = PIL.Image.MAX_IMAGE_PIXELS, None
+    try:
+      im = PIL.Image.open(src)
+    finally:
+      PIL.Image.MAX_IMAGE_PIXELS = saved
+  w, h = im.size
+  if limit is not None and w * h > limit:
+    im.close()
+    raise ImageLoadError(f"image {label} is {w} x {h} = {w * h:,} pixels, above the limit of {limit:,} (a guard "
+                         f"against decompression bombs); allow it with --max-image-pixels {w * h} or "
+                         f"{MAX_IMAGE_PIXELS_ENV}={w * h} (0: no limit)")
+  return im
+
+
+def to_8bit(im):
+  """A PIL image of 16-bit or 32-bit samples as an 8-bit one ("L"), scaled, not clipped: Pillow's
+  convert("L" / "RGB") clips them at 255, which turns a 16-bit photograph near-white. Modes I;16* (16-bit
+  PNG / TIFF) and I (32-bit integers, read as 16-bit data, as Pillow gives older 16-bit files): / 257;
+  F (floats, taken as 0..1): x 255. Other modes (16-bit RGB PNGs already come as 8-bit "RGB") unchanged."""
+  PIL = _pil()
+  if not (im.mode.startswith("I") or im.mode == "F"):
+    return im
+  a = np.asarray(im)
+  if im.mode == "F":
+    a = np.clip(a.astype(np.float64), 0.0, 1.0) * 255.0
+  else:
+    a = np.clip(a.astype(np.float64), 0, 65535) / 257.0
+  return PIL.Image.fromarray(np.round(a).astype(np.uint8), mode="L")
 
 
 # ----------------------------------------------------------------------------------------
@@ -76,13 +143,17 @@ def load_image(path: str | os.PathLike):
 
 def decode(src, label: str):
   """Opens `src` (a path or a binary file object) fully as an RGB `PIL.Image` (EXIF orientation
-  applied); any decoding failure becomes an ImageLoadError naming `label`."""
+  applied; 16-bit and float samples scaled to 8 bits by `to_8bit`, where HF's convert("RGB") clips
+  them); any decoding failure, or more pixels than `max_image_pixels`, becomes an ImageLoadError
+  naming `label`."""
   PIL = _pil()
   try:
-    with PIL.Image.open(src) as im:
+    with open_image(src, label) as im:
       im.load()  # decode now: truncated / corrupt data raises here, not later in resize
       im = PIL.ImageOps.exif_transpose(im)
-      return im.convert("RGB")
+      return to_8bit(im).convert("RGB")
+  except ImageLoadError:
+    raise
   except PIL.UnidentifiedImageError as e:
     raise ImageLoadError(f"{label} is not an image file Pillow can identify ({e})") from e
   except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
@@ -95,6 +166,7 @@ def _to_rgb_uint8(image) -> np.ndarray:
   if isinstance(image, (str, os.PathLike)):
     image = load_image(image)
   if isinstance(image, PIL.Image.Image):
+    image = to_8bit(image)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
       image = image.convert("RGBA")
       white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))

@@ -21,6 +21,7 @@ import io
 import math
 import os
 import re
+import unicodedata
 
 import numpy as np
 
@@ -56,6 +57,17 @@ def pre_caption(caption: str, max_words: int = MAX_WORDS) -> str:
   if len(words) > max_words:
     caption = " ".join(words[:max_words])
   return caption
+
+
+def is_blank(text: str) -> bool:
+  """True when `text` has no visible character: only spaces, controls and invisible format characters
+  (a zero-width space U+200B, a byte-order mark, a zero-width joiner), which `str.strip` keeps."""
+  return not any(unicodedata.category(ch)[0] not in "ZC" for ch in text)
+
+
+def empty_after_cleaning(caption: str, max_words: int = MAX_WORDS) -> bool:
+  """True when `pre_caption` leaves nothing to train on: "...", "!!!", "( )", a zero-width space."""
+  return is_blank(pre_caption(caption, max_words))
 
 
 # ----------------------------------------------------------------------------------------

@@ -32,6 +32,23 @@ DEFAULTS = dict(max_new_tokens=29, min_new_tokens=9, num_beams=3, do_sample=Fals
                 top_k=0, top_p=1.0, length_penalty=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0)
 
 
+def checked_options(config, **options) -> dict:
+  """`DEFAULTS` updated by `options` (`search.with_defaults`), checked (`search.check_options`) and held
+  to the Q-Former's positions: [DEC] and the new tokens go through its learned position table
+  (`max_position_embeddings`). ValueError naming the numbers. `config`: the model's Blip2Config."""
+  unknown = set(options) - set(DEFAULTS)
+  if unknown:
+    raise TypeError(f"unknown generation option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+  o = search.with_defaults(DEFAULTS, options)
+  search.check_options(**o)
+  limit = config.qformer.max_position_embeddings
+  if 1 + o["max_new_tokens"] > limit:
+    raise ValueError(f"[DEC] + {o['max_new_tokens']} new tokens = {1 + o['max_new_tokens']} positions, but the "
+                     f"Q-Former has {limit} positions (max_position_embeddings, learned); at most {limit - 1} new "
+                     "tokens fit")
+  return o
+
+
 def _check_model(model):
   if not registry.can(model, registry.ITG):
     raise TypeError(f"Q-Former captioning needs a Blip2ForImageTextRetrieval (stage-1) model, not "
@@ -84,7 +101,7 @@ def _generate_fn(model, bos: int, opts: tuple):
   def run(params, lm_head_params, pixel_values, rng):
     first, state, step, ctx, mask = prefill(model, params, lm_head_params, pixel_values, bos_token_id=bos,
                                             max_new_tokens=o["max_new_tokens"])
-    return search.search(step, state, first, ctx, mask, rng=rng, **o)
+    return search.search(step, state, first, ctx, mask, rng=rng, return_finite=True, **o)
   return xla.jit(run)
 
 
@@ -96,9 +113,6 @@ def generate(model, params, lm_head_params, pixel_values, *, bos_token_id: int, 
   `do_sample=True, top_p=0.9, num_beams=1` is LAVIS's nucleus sampling. Tokens: `bos_token_id`
   is `[DEC]`, `eos_token_id` `[SEP]` (the tokenizer's bos / sep ids)."""
   _check_model(model)
-  unknown = set(options) - set(DEFAULTS)
-  if unknown:
-    raise TypeError(f"unknown generation option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
   vocab = model.config.qformer.vocab_size
   for name, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
     if v is None or not 0 <= int(v) < vocab:
@@ -106,9 +120,10 @@ def generate(model, params, lm_head_params, pixel_values, *, bos_token_id: int, 
   if "transform" not in lm_head_params or "bias" not in lm_head_params:
     raise ValueError("lm_head_params is not a Q-Former LM head (expects transform/..., bias; see "
                      "checkpoints.hf.load_qformer_head)")
-  o = dict(DEFAULTS, **options, eos_token_id=int(eos_token_id), pad_token_id=int(pad_token_id))
+  o = dict(checked_options(model.config, **options), eos_token_id=int(eos_token_id), pad_token_id=int(pad_token_id))
   if o["do_sample"] and rng is None:
     raise ValueError("do_sample=True needs rng=jax.random.key(...)")
   rng = jax.random.PRNGKey(0) if rng is None else rng
   fn = _generate_fn(model, int(bos_token_id), tuple(sorted(o.items())))
-  return fn(params, lm_head_params, jnp.asarray(pixel_values, jnp.float32), rng)
+  tokens, finite = fn(params, lm_head_params, jnp.asarray(pixel_values, jnp.float32), rng)
+  return search.raise_if_not_finite(tokens, finite, "the Q-Former LM head's logits")

@@ -37,6 +37,7 @@ import numpy as np
 from jax import lax
 
 from blip2_jax.core import xla
+from blip2_jax.core.numerics import HINT, NonFiniteError
 
 Array = jax.Array
 StepFn = Callable[[Any, Array, Array], tuple[Array, Any]]
@@ -185,6 +186,12 @@ class _Options:
                 top_k=self.top_k, top_p=self.top_p, min_tokens_to_keep=min_tokens_to_keep)
 
 
+def _finite_rows(logits: Array) -> Array:
+  """(N,) bool: the model's raw logits of each row are all finite. Carried through the decode loop so
+  that NaN weights or inputs are reported instead of decoded into arbitrary tokens (argmax over NaN)."""
+  return jnp.all(jnp.isfinite(logits), axis=-1)
+
+
 def _penalty_mask(context_mask: Array, g: int) -> Array:
   """(B, C+G): HF's repetition penalty skips positions before the first attended one."""
   m = context_mask.astype(bool)
@@ -200,7 +207,8 @@ def _sample_or_greedy(step_fn, state, first_logits, ctx, ctx_mask, rng, o: _Opti
   pen_mask = _penalty_mask(ctx_mask, g)
   procs = o.processors(1)
 
-  def select(t, logits, buf, unfinished):
+  def select(t, logits, buf, unfinished, ok):
+    ok = ok & _finite_rows(logits)
     scores = apply_processors(logits, buf, pen_mask, c + t, prompt_len=c, **procs)
     if o.do_sample:
       tok = jax.random.categorical(jax.random.fold_in(rng, t), scores, axis=-1).astype(jnp.int32)
@@ -210,20 +218,20 @@ def _sample_or_greedy(step_fn, state, first_logits, ctx, ctx_mask, rng, o: _Opti
       tok = jnp.where(unfinished, tok, o.pad)
       unfinished = unfinished & ~_isin(tok, o.eos)
     buf = lax.dynamic_update_slice_in_dim(buf, tok[:, None], c + t, axis=1)
-    cont = jnp.any(unfinished) & (t + 1 < g)
-    return buf, unfinished, tok, cont
+    cont = jnp.any(unfinished) & (t + 1 < g) & jnp.all(ok)  # non-finite logits: stop, the caller raises
+    return buf, unfinished, tok, ok, cont
 
   t0 = jnp.int32(0)
-  buf, unf, tok, cont = select(t0, first_logits, buf, jnp.ones((b,), bool))
+  buf, unf, tok, ok, cont = select(t0, first_logits, buf, jnp.ones((b,), bool), jnp.ones((b,), bool))
 
   def body(carry):
-    state, buf, unf, tok, t, _ = carry
+    state, buf, unf, tok, ok, t, _ = carry
     logits, state = step_fn(state, tok, t)
-    buf, unf, tok, cont = select(t + 1, logits, buf, unf)
-    return state, buf, unf, tok, t + 1, cont
+    buf, unf, tok, ok, cont = select(t + 1, logits, buf, unf, ok)
+    return state, buf, unf, tok, ok, t + 1, cont
 
-  carry = lax.while_loop(lambda cr: cr[-1], body, (state, buf, unf, tok, t0, cont))
-  return carry[1][:, c:]
+  carry = lax.while_loop(lambda cr: cr[-1], body, (state, buf, unf, tok, ok, t0, cont))
+  return carry[1][:, c:], carry[4]
 
 
 def _beam(step_fn, state, first_logits, ctx, ctx_mask, rng, o: _Options):
@@ -257,7 +265,8 @@ def _beam(step_fn, state, first_logits, ctx, ctx_mask, rng, o: _Options):
   def gather(x, idx):  # (B, M, ...) by (B, J) along axis 1
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
-  def select(t, logits, run_seq, run_scores, seqs, beam_scores, fin, heur):
+  def select(t, logits, run_seq, run_scores, seqs, beam_scores, fin, heur, ok):
+    ok = ok & jnp.all(_finite_rows(logits).reshape(b, k), axis=1)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     logp = apply_processors(logp, run_seq.reshape(b * k, s), pen_mask, c + t, prompt_len=c, **procs)
     acc = (logp.reshape(b, k, vocab) + run_scores[:, :, None]).reshape(b, k * vocab)
@@ -290,14 +299,14 @@ def _beam(step_fn, state, first_logits, ctx, ctx_mask, rng, o: _Options):
     best = _div(run_scores[:, :1], d)
     worst = jnp.where(fin, jnp.min(beam_scores, axis=1, keepdims=True), jnp.float32(NEG))
     heur = heur & jnp.any(best > worst, axis=-1, keepdims=True)
-    cont = jnp.any(heur) & ~(jnp.all(fin) & es_true) & ~jnp.all(hits)
+    cont = jnp.any(heur) & ~(jnp.all(fin) & es_true) & ~jnp.all(hits) & jnp.all(ok)
     beam_idx = (jnp.arange(b)[:, None] * k + run_src).reshape(-1)
     feed = lax.dynamic_index_in_dim(run_seq, c + t, axis=2, keepdims=False).reshape(-1)
-    return (run_seq, run_scores, seqs, beam_scores, fin, heur), beam_idx, feed, cont
+    return (run_seq, run_scores, seqs, beam_scores, fin, heur, ok), beam_idx, feed, cont
 
   t0 = jnp.int32(0)
   beams, beam_idx, feed, cont = select(t0, jnp.repeat(first_logits, k, axis=0), run_seq, run_scores,
-                                       seqs, beam_scores, fin, heur)
+                                       seqs, beam_scores, fin, heur, jnp.ones((b,), bool))
 
   def body(carry):
     state, beams, beam_idx, feed, t, _ = carry
@@ -308,7 +317,7 @@ def _beam(step_fn, state, first_logits, ctx, ctx_mask, rng, o: _Options):
 
   carry = lax.while_loop(lambda cr: cr[-1], body, (state, beams, beam_idx, feed, t0, cont))
   seqs = carry[1][2]
-  return seqs[:, 0, c:]
+  return seqs[:, 0, c:], carry[1][-1]
 
 
 def _search_impl(step_fn, state, first_logits, context_ids, context_mask, rng, opts: _Options):
@@ -323,12 +332,47 @@ def _search_impl(step_fn, state, first_logits, context_ids, context_mask, rng, o
 _search_jit = functools.lru_cache(maxsize=None)(lambda: xla.jit(_search_impl, static_argnums=(0, 6)))
 
 
+def with_defaults(defaults: dict, options: dict) -> dict:
+  """`defaults` updated by `options`. A default min_new_tokens above a max_new_tokens the caller set is
+  lowered to it (LAVIS's caption minimum of 8 with max_new_tokens=5: 5); a min_new_tokens the caller
+  set above it is kept, for `check_options` to refuse."""
+  d = dict(defaults)
+  if "max_new_tokens" in options and "min_new_tokens" not in options and "min_new_tokens" in d:
+    d["min_new_tokens"] = min(d["min_new_tokens"], options["max_new_tokens"])
+  return dict(d, **options)
+
+
+def check_options(*, max_new_tokens: int = 30, min_new_tokens: int = 0, num_beams: int = 1,
+                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+                  no_repeat_ngram_size: int = 0, early_stopping=False, **_) -> None:
+  """ValueError naming the option for a value HF would reject, silently ignore or turn into NaN scores:
+  counts below their minimum, min_new_tokens above max_new_tokens (HF never reaches it and says
+  nothing), a non-finite float (NaN / inf length_penalty, temperature, top_p, repetition_penalty)."""
+  for name, v in (("temperature", temperature), ("top_p", top_p), ("length_penalty", length_penalty),
+                  ("repetition_penalty", repetition_penalty)):
+    if not np.isfinite(float(v)):
+      raise ValueError(f"{name}={v}: must be a finite number")
+  if early_stopping not in (True, False, "never"):
+    raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+  if num_beams < 1 or max_new_tokens < 0 or min_new_tokens < 0 or no_repeat_ngram_size < 0:
+    raise ValueError("num_beams >= 1, max_new_tokens >= 0, min_new_tokens >= 0 and no_repeat_ngram_size >= 0 "
+                     "are required")
+  if min_new_tokens > max_new_tokens:
+    raise ValueError(f"min_new_tokens={min_new_tokens} is above max_new_tokens={max_new_tokens}: at most "
+                     f"{max_new_tokens} tokens are generated, so the minimum cannot be met")
+  if do_sample and (temperature <= 0 or not 0.0 <= top_p <= 1.0 or top_k < 0):
+    raise ValueError("sampling needs temperature > 0, 0 <= top_p <= 1 and top_k >= 0")
+  if repetition_penalty <= 0:
+    raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
 def search(step_fn: StepFn, state, first_logits, context_ids, context_mask, *,
            max_new_tokens: int = 30, min_new_tokens: int = 0, num_beams: int = 1,
            do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            length_penalty: float = 1.0, repetition_penalty: float = 1.0,
            no_repeat_ngram_size: int = 0, eos_token_id=None, pad_token_id=None, rng=None,
-           early_stopping=False) -> Array:
+           early_stopping=False, return_finite: bool = False):
   """Greedy / sampling / beam search / beam sampling as HF `generate` (transformers 5.23).
 
   first_logits (B, V): logits for the first new token (from the prefill, not beam-expanded).
@@ -340,30 +384,46 @@ def search(step_fn: StepFn, state, first_logits, context_ids, context_mask, *,
   context_ids / context_mask (B, C): HF's `input_ids` / attention mask (what processors see).
   eos_token_id: int, list of ints or None; pad_token_id defaults to the first EOS (HF).
   early_stopping: True, False or "never" (HF semantics). rng: jax key, required to sample.
-  Returns int32 (B, max_new_tokens): new tokens, pad after EOS / after the search stopped.
-  Options are static: one compile per shape and option set for a given step_fn object (inside an
-  outer jit, the search is traced inline into that program).
+  Returns int32 (B, max_new_tokens): new tokens, pad after EOS / after the search stopped. With
+  `return_finite`, (tokens, finite (B,) bool): whether every logit the model gave for that input (all
+  its beams) was finite; the search stops at the first step where one was not (its tokens are then
+  meaningless: callers raise, as `blip2_jax.generate` does).
+  Options are checked by `check_options` and static: one compile per shape and option set for a
+  given step_fn object (inside an outer jit, the search is traced inline into that program).
   """
+  check_options(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                length_penalty=length_penalty, repetition_penalty=repetition_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size, early_stopping=early_stopping)
   eos = _eos_tuple(eos_token_id)
   pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-  if early_stopping not in (True, False, "never"):
-    raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
   if do_sample and rng is None:
     raise ValueError("do_sample=True needs rng (a jax.random key)")
-  if num_beams < 1 or max_new_tokens < 0 or min_new_tokens < 0:
-    raise ValueError("num_beams >= 1, max_new_tokens >= 0 and min_new_tokens >= 0 are required")
-  if do_sample and (temperature <= 0 or not 0.0 <= top_p <= 1.0 or top_k < 0):
-    raise ValueError("sampling needs temperature > 0, 0 <= top_p <= 1 and top_k >= 0")
-  if repetition_penalty <= 0:
-    raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
   b = np.shape(context_ids)[0]
   if max_new_tokens == 0:
-    return jnp.zeros((b, 0), jnp.int32)
+    empty = jnp.zeros((b, 0), jnp.int32)
+    return (empty, jnp.all(jnp.isfinite(first_logits), axis=-1)) if return_finite else empty
   opts = _Options(int(max_new_tokens), int(min_new_tokens), int(num_beams), bool(do_sample),
                   float(temperature), int(top_k), float(top_p), float(length_penalty),
                   float(repetition_penalty), int(no_repeat_ngram_size), eos, int(pad),
                   early_stopping)
   args = (state, first_logits, context_ids, context_mask, rng)
   if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
-    return _search_impl(step_fn, *args, opts)  # already inside a trace: inline
-  return _search_jit()(step_fn, *args, opts)
+    out = _search_impl(step_fn, *args, opts)  # already inside a trace: inline
+  else:
+    out = _search_jit()(step_fn, *args, opts)
+  return out if return_finite else out[0]
+
+
+def raise_if_not_finite(tokens, finite, what: str):
+  """`tokens`, or NonFiniteError naming the inputs whose `what` were NaN / infinite (`finite`: (B,) bool
+  from `search.search(..., return_finite=True)`). Inside a trace, `tokens` as they are."""
+  if isinstance(finite, jax.core.Tracer):
+    return tokens
+  ok = np.asarray(finite)
+  if not ok.all():
+    rows = np.flatnonzero(~ok).tolist()
+    shown = ", ".join(map(str, rows[:8])) + (" ..." if len(rows) > 8 else "")
+    raise NonFiniteError(f"{what} are not finite (NaN or infinite) for {len(rows)} of {ok.size} inputs (batch rows "
+                         f"{shown}): {HINT}; no tokens are returned")
+  return tokens

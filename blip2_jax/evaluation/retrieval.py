@@ -9,7 +9,8 @@ its text indices, txt2img[t] is the one image of text t.
 - text -> image: rank of text t = the rank of txt2img[t] among all images for that text.
 Ties: LAVIS sorts with np.argsort (order among equal scores unspecified); here a tie counts
 against the query (a non-matching item with a score equal to the best match is ranked above it),
-so degenerate constant scores give 0, not 100.
+so degenerate constant scores give 0, not 100. NaN or infinite scores raise
+`core.numerics.NonFiniteError` (NaN compares false, so a NaN matrix would rank every match first).
 """
 from __future__ import annotations
 
@@ -17,9 +18,15 @@ from typing import Sequence
 
 import numpy as np
 
+from blip2_jax.core.numerics import check_finite
+
+
+def _scores(sim) -> np.ndarray:
+  return check_finite(np.asarray(sim, np.float64), "retrieval scores")
+
 
 def ranks_i2t(sim: np.ndarray, img2txt: Sequence[Sequence[int]]) -> np.ndarray:
-  sim = np.asarray(sim, np.float64)
+  sim = _scores(sim)
   n_img, n_txt = sim.shape
   if len(img2txt) != n_img:
     raise ValueError(f"img2txt has {len(img2txt)} entries for {n_img} images")
@@ -39,7 +46,7 @@ def ranks_i2t(sim: np.ndarray, img2txt: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def ranks_t2i(sim: np.ndarray, txt2img: Sequence[int]) -> np.ndarray:
-  sim = np.asarray(sim, np.float64)
+  sim = _scores(sim)
   n_img, n_txt = sim.shape
   txt2img = np.asarray(txt2img, np.int64)
   if txt2img.shape != (n_txt,):

@@ -9,7 +9,16 @@
 Everything is batched with fixed shapes (the last batch is padded, `batching`), so each function
 compiles once per model and batch size.
 """
-from blip2_jax.inference.captioning import CAPTION_DEFAULTS, VQA_DEFAULTS, answer, caption, task_defaults  # noqa: F401
+from blip2_jax.inference.captioning import (  # noqa: F401
+  CAPTION_DEFAULTS,
+  VQA_DEFAULTS,
+  answer,
+  caption,
+  caption_prompts,
+  check_generation,
+  task_defaults,
+  vqa_prompts,
+)
 from blip2_jax.inference.clip import clip_scores  # noqa: F401
-from blip2_jax.inference.generation import generate  # noqa: F401
+from blip2_jax.inference.generation import check_context, generate, position_limit  # noqa: F401
 from blip2_jax.inference.retrieval import retrieval_scores  # noqa: F401

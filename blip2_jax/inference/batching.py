@@ -27,13 +27,12 @@ def map_batched(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int, des
   """Applies `fn(*batch)` -> tuple of arrays over rows in fixed-size batches; concatenates results."""
   n = arrays[0].shape[0]
   outs: list[list[np.ndarray]] = []
-  bar = progress_bar(n, desc, progress)
-  for s, e in padded_batches(n, batch_size):
-    res = fn(*[jnp.asarray(pad_rows(a[s:e], batch_size)) for a in arrays])
-    res = res if isinstance(res, tuple) else (res,)
-    outs.append([np.asarray(r)[: e - s] for r in res])
-    bar.update(e - s)
-  bar.close()
+  with progress_bar(n, desc, progress) as bar:
+    for s, e in padded_batches(n, batch_size):
+      res = fn(*[jnp.asarray(pad_rows(a[s:e], batch_size)) for a in arrays])
+      res = res if isinstance(res, tuple) else (res,)
+      outs.append([np.asarray(r)[: e - s] for r in res])
+      bar.update(e - s)
   return [np.concatenate(col) for col in zip(*outs)]
 
 

@@ -8,9 +8,10 @@ import numpy as np
 from blip2_jax.core.progress import progress_bar
 from blip2_jax.data import processing
 from blip2_jax.decoding import qformer as qformer_decoding
+from blip2_jax.decoding import search
 from blip2_jax.inference.batching import pad_repeat, padded_batches
-from blip2_jax.inference.generation import generate
-from blip2_jax.models import registry
+from blip2_jax.inference.generation import check_context, generate
+from blip2_jax.models import blip2, registry
 
 # LAVIS COCO caption evaluation (blip2 caption_coco configs): beams 5, max_len 30, min_len 8. LAVIS
 # passes them as HF max_length / min_length together with `inputs_embeds` only, where HF counts
@@ -20,13 +21,62 @@ CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
 VQA_DEFAULTS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
 
 
+def _config(model) -> blip2.Blip2Config:
+  return model if isinstance(model, blip2.Blip2Config) else model.config
+
+
 def task_defaults(model, task: str) -> dict:
-  """LAVIS's generation settings for `task` ("caption" / "vqa") and this checkpoint. LAVIS's T5 passes
-  `min_length`, which HF counts with the decoder start token: one new token fewer than for OPT."""
+  """LAVIS's generation settings for `task` ("caption" / "vqa") and this checkpoint (a model or its
+  Blip2Config). LAVIS's T5 passes `min_length`, which HF counts with the decoder start token: one new
+  token fewer than for OPT."""
   d = dict(CAPTION_DEFAULTS if task == "caption" else VQA_DEFAULTS)
-  if model.config.is_encoder_decoder:
+  if _config(model).is_encoder_decoder:
     d["min_new_tokens"] = max(0, d["min_new_tokens"] - 1)
   return d
+
+
+def caption_prompts(n: int, prompt: str | Sequence[str] | None) -> list[str]:
+  """`n` caption prompts: "a photo of" (`processing.CAPTION_PROMPT`, as LAVIS) when None, "" for none, a
+  string for all, or one per image."""
+  prompt = processing.CAPTION_PROMPT if prompt is None else prompt
+  return [prompt] * n if isinstance(prompt, str) else list(prompt)
+
+
+def vqa_prompts(model, questions: Sequence[str], prompt_template: str | None = None) -> list[str]:
+  """Each question in `prompt_template` (a str with one {}) or `processing.vqa_prompt` of the family."""
+  fam = _config(model).family
+  return [prompt_template.format(q.strip()) if prompt_template else processing.vqa_prompt(q, fam) for q in questions]
+
+
+def _checked_prompts(cfg, tokenizer, prompts: list[str], qformer_tokenizer, options: dict):
+  """Tokenised prompts (padded to the longest: one compile for every batch) -> (ids, mask, Q-Former ids
+  or None, its mask or None), after the checks `generate` makes, so that they fail before any image is
+  read: the options (`search.check_options`) and the positions (`check_context`)."""
+  search.check_options(**options)
+  enc = processing.tokenize_prompts(tokenizer, prompts, cfg.family)
+  ids, mask = enc["input_ids"], enc["attention_mask"]
+  qids = qmask = None
+  if cfg.instruct:
+    if qformer_tokenizer is None:
+      raise ValueError("InstructBLIP needs qformer_tokenizer (the Q-Former's BERT tokenizer, saved in the "
+                       "checkpoint's qformer_tokenizer/ directory): the prompt also enters the Q-Former")
+    q = qformer_tokenizer(prompts, padding=True, return_tensors="np")
+    qids, qmask = np.asarray(q["input_ids"], np.int32), np.asarray(q["attention_mask"], np.int32)
+  check_context(cfg, int(mask.sum(axis=1).max()), options["max_new_tokens"],
+                qformer_prompt_tokens=0 if qmask is None else int(qmask.sum(axis=1).max()))
+  return ids, mask, qids, qmask
+
+
+def check_generation(model, tokenizer, prompts: Sequence[str], task: str, *, qformer_tokenizer=None,
+                     **gen_options) -> dict:
+  """What `caption` (task "caption") / `answer` ("vqa") would refuse for these prompts and options, checked
+  without weights or images (`model` may be a Blip2Config): ValueError naming the problem (min_new_tokens
+  above max_new_tokens, a non-finite float, queries + prompt + new tokens past the LLM's positions).
+  Returns the options generation will use. The command lines call it before the weights load."""
+  cfg = _config(model)
+  options = search.with_defaults(task_defaults(cfg, task), gen_options)
+  _checked_prompts(cfg, tokenizer, list(prompts), qformer_tokenizer, options)
+  return options
 
 
 def _caption_stage1(model, params, tokenizer, images, *, qformer_lm_head, prompt, batch_size, progress,
@@ -42,7 +92,7 @@ def _caption_stage1(model, params, tokenizer, images, *, qformer_lm_head, prompt
   if ids["bos_token_id"] is None or ids["eos_token_id"] is None:
     raise ValueError("the Q-Former tokenizer needs a [DEC] bos token and a [SEP] token (LAVIS: BertTokenizer + "
                      "add_special_tokens({'bos_token': '[DEC]'}))")
-  options = dict(qformer_decoding.DEFAULTS, **gen_options)
+  options = qformer_decoding.checked_options(model.config, **gen_options)
 
   def run(px, s, e):
     return qformer_decoding.generate(model, params, qformer_lm_head, px, **ids, **options)
@@ -74,16 +124,7 @@ def _generate_texts(model, params, tokenizer, images, prompts: list[str], *, bat
   if len(prompts) != n:
     raise ValueError(f"{len(prompts)} prompts for {n} images")
   cfg = model.config
-  # every prompt padded to the longest of the whole set: one compile serves every batch
-  enc = processing.tokenize_prompts(tokenizer, prompts, cfg.family)
-  ids, mask = enc["input_ids"], enc["attention_mask"]
-  qids = qmask = None
-  if cfg.instruct:
-    if qformer_tokenizer is None:
-      raise ValueError("InstructBLIP needs qformer_tokenizer (the Q-Former's BERT tokenizer, saved in the "
-                       "checkpoint's qformer_tokenizer/ directory): the prompt also enters the Q-Former")
-    q = qformer_tokenizer(prompts, padding=True, return_tensors="np")
-    qids, qmask = np.asarray(q["input_ids"], np.int32), np.asarray(q["attention_mask"], np.int32)
+  ids, mask, qids, qmask = _checked_prompts(cfg, tokenizer, prompts, qformer_tokenizer, options)
 
   def run(px, s, e):
     kw = {}
@@ -96,6 +137,25 @@ def _generate_texts(model, params, tokenizer, images, prompts: list[str], *, bat
                         batch_size=batch_size, progress=progress, processor=processor, errors=errors, desc=desc)
 
 
+def _batch_pixels(images, s: int, e: int, processor, errors):
+  """Rows s..e of `images` preprocessed -> (pixels, which rows were readable); an unreadable row takes
+  a readable one's pixels (its result is dropped), or ImageLoadError when `errors` is None."""
+  rows, ok = [], [True] * (e - s)
+  for j, im in enumerate(images[s:e]):
+    try:
+      rows.append(processor.preprocess_one(im))
+    except processing.ImageLoadError as err:
+      if errors is None:
+        raise
+      errors.append((s + j, str(err)))
+      ok[j] = False
+      rows.append(None)
+  if not any(ok):
+    return None, ok
+  good = next(r for r in rows if r is not None)
+  return np.stack([good if r is None else r for r in rows]), ok
+
+
 def _batched_texts(run, tokenizer, images, image_size, *, batch_size, progress, processor, errors, desc):
   """Preprocesses `images` in fixed-size batches (the last padded by repeating its first row) and
   decodes `run(pixel_values, start, end)`'s tokens; unreadable images -> None (with `errors`)."""
@@ -105,34 +165,16 @@ def _batched_texts(run, tokenizer, images, image_size, *, batch_size, progress, 
     processor = processing.ImageProcessor(size=image_size)
   bs = max(1, min(batch_size, n))
   out: list[str | None] = [None] * n
-  bar = progress_bar(n, desc, progress)
-  for s, e in padded_batches(n, bs):
-    ok = [True] * (e - s)
-    if pre is not None:
-      px = pre[s:e]
-    else:
-      rows = []
-      for j, im in enumerate(images[s:e]):
-        try:
-          rows.append(processor.preprocess_one(im))
-        except processing.ImageLoadError as err:
-          if errors is None:
-            raise
-          errors.append((s + j, str(err)))
-          ok[j] = False
-          rows.append(None)
-      if not any(ok):
-        bar.update(e - s)
-        continue
-      good = next(r for r in rows if r is not None)
-      px = np.stack([good if r is None else r for r in rows])
-    tokens = run(pad_repeat(px, bs), s, e)
-    texts = tokenizer.batch_decode(np.asarray(tokens)[: e - s], skip_special_tokens=True)
-    for j, t in enumerate(texts):
-      if ok[j]:
-        out[s + j] = t.strip()
-    bar.update(e - s)
-  bar.close()
+  with progress_bar(n, desc, progress) as bar:  # closed on an error too: the error line starts a line
+    for s, e in padded_batches(n, bs):
+      px, ok = (pre[s:e], [True] * (e - s)) if pre is not None else _batch_pixels(images, s, e, processor, errors)
+      if px is not None:
+        tokens = run(pad_repeat(px, bs), s, e)
+        texts = tokenizer.batch_decode(np.asarray(tokens)[: e - s], skip_special_tokens=True)
+        for j, t in enumerate(texts):
+          if ok[j]:
+            out[s + j] = t.strip()
+      bar.update(e - s)
   return out
 
 
@@ -149,7 +191,10 @@ def caption(model, params, tokenizer, images, *, prompt: str | Sequence[str] | N
   the Q-Former, tokenised with `qformer_tokenizer`.
 
   Generation options are `generate`'s; the defaults are LAVIS's COCO caption evaluation
-  (`CAPTION_DEFAULTS`: num_beams=5, max_new_tokens=30, min_new_tokens=8; 7 for T5, see `task_defaults`). Images run in batches of
+  (`CAPTION_DEFAULTS`: num_beams=5, max_new_tokens=30, min_new_tokens=8; 7 for T5, see `task_defaults`;
+  a default minimum above a max_new_tokens you give is lowered to it, `search.with_defaults`). The options
+  and the LLM's positions are checked before any image is read (`check_generation`: ValueError with the
+  numbers); NaN / infinite logits raise `NonFiniteError`. Images run in batches of
   `batch_size` (the last one padded), prompts are padded to the longest, so one compile serves all.
   Unreadable files raise `processing.ImageLoadError` naming the file; pass a list as `errors` to skip
   them instead: their caption is None and (index, message) is appended to `errors`.
@@ -166,11 +211,9 @@ def caption(model, params, tokenizer, images, *, prompt: str | Sequence[str] | N
   pre, raw = _image_list(images)
   n = len(pre) if pre is not None else len(raw)
   images = pre if pre is not None else raw
-  prompt = processing.CAPTION_PROMPT if prompt is None else prompt
-  prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
-  return _generate_texts(model, params, tokenizer, images, prompts, batch_size=batch_size, progress=progress,
-                         qformer_tokenizer=qformer_tokenizer, processor=processor, errors=errors,
-                         desc="captioning", options=dict(task_defaults(model, "caption"), **gen_options))
+  return _generate_texts(model, params, tokenizer, images, caption_prompts(n, prompt), batch_size=batch_size,
+                         progress=progress, qformer_tokenizer=qformer_tokenizer, processor=processor, errors=errors,
+                         desc="captioning", options=search.with_defaults(task_defaults(model, "caption"), gen_options))
 
 
 def answer(model, params, tokenizer, images, questions: str | Sequence[str], *, batch_size: int = 8,
@@ -194,9 +237,7 @@ def answer(model, params, tokenizer, images, questions: str | Sequence[str], *, 
     images = np.repeat(pre, len(questions), axis=0) if pre is not None else raw * len(questions)
   if len(images) != len(questions):
     raise ValueError(f"{len(questions)} questions for {len(images)} images")
-  fam = model.config.family
-  prompts = [prompt_template.format(q.strip()) if prompt_template else processing.vqa_prompt(q, fam)
-             for q in questions]
-  return _generate_texts(model, params, tokenizer, images, prompts, batch_size=batch_size, progress=progress,
-                         qformer_tokenizer=qformer_tokenizer, processor=processor, errors=errors,
-                         desc="answering", options=dict(task_defaults(model, "vqa"), **gen_options))
+  return _generate_texts(model, params, tokenizer, images, vqa_prompts(model, questions, prompt_template),
+                         batch_size=batch_size, progress=progress, qformer_tokenizer=qformer_tokenizer,
+                         processor=processor, errors=errors, desc="answering",
+                         options=search.with_defaults(task_defaults(model, "vqa"), gen_options))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from blip2_jax.core import xla
+from blip2_jax.core.numerics import check_finite
 from blip2_jax.inference.batching import map_batched
 from blip2_jax.models import registry
 
@@ -46,11 +47,17 @@ def retrieval_scores(model, params, pixel_values, input_ids, attention_mask=None
   and each text's top-k images re-scored as ITM logit[:, 1] (averaged over queries) + ITC.
 
   Returns {"itc": (I, T), "i2t": (I, T), "t2i": (T, I)}; pairs outside a top-k keep -100 in
-  i2t / t2i, as LAVIS. `model` must be a Blip2ForImageTextRetrieval.
+  i2t / t2i, as LAVIS. `model` must be a Blip2ForImageTextRetrieval. Texts wider than the Q-Former's
+  learned positions (`max_position_embeddings`) are refused (ValueError); features or ITM logits that
+  are not finite (NaN weights or inputs) raise `NonFiniteError`: NaN scores rank arbitrarily.
   """
   registry.require(model, registry.ITM, "retrieval")
   pixel_values = np.asarray(pixel_values, np.float32)
   input_ids = np.asarray(input_ids, np.int32)
+  limit = model.config.qformer.max_position_embeddings
+  if input_ids.shape[1] > limit:
+    raise ValueError(f"texts of {input_ids.shape[1]} tokens, but the Q-Former has {limit} positions "
+                     "(max_position_embeddings, learned): tokenise to at most that many")
   attention_mask = (np.ones_like(input_ids) if attention_mask is None
                     else np.asarray(attention_mask, np.int32))
   image_fn, text_fn, itm_fn = _retrieval_fns(model)
@@ -58,6 +65,8 @@ def retrieval_scores(model, params, pixel_values, input_ids, attention_mask=None
                                            "image features", progress)
   (text_feats,) = map_batched(lambda i, m: text_fn(params, i, m), [input_ids, attention_mask],
                                batch_size, "text features", progress)
+  check_finite(image_feats, f"image features of {len(image_feats)} images")
+  check_finite(text_feats, f"text features of {len(text_feats)} texts")
   itc = _itc_scores(image_feats, text_feats)
   n_img, n_txt = itc.shape
 
@@ -67,7 +76,7 @@ def retrieval_scores(model, params, pixel_values, input_ids, attention_mask=None
     def fn(img_idx, txt_idx):
       return itm_fn(params, emb_d[img_idx], ids_d[txt_idx], mask_d[txt_idx])
     (scores,) = map_batched(fn, [pairs_img, pairs_txt], batch_size, desc, progress)
-    return scores
+    return check_finite(scores, f"ITM logits ({desc})")
 
   i2t = np.full((n_img, n_txt), -100.0, np.float32)
   kt = min(k, n_txt)

@@ -291,9 +291,13 @@ def compile_recipe(config, topology: str, *, recipe: str = "", recipe_batch: int
       raise ValueError("--chip names the figures of this host's devices: use it with --topology gpu / local")
     topo = hardware.parse_topology(topology)
   if devices is None:
+    mismatch = hardware.libtpu_mismatch()  # before the minutes of compiling that would end in XLA's RET_CHECK
+    if mismatch:
+      raise ValueError(mismatch)
     if not hardware.libtpu_available():
-      raise ValueError("libtpu is not installed, so there is no TPU compiler: pip install libtpu "
-                       f"(the version jax[tpu]=={jax.__version__} pins)")
+      want = hardware.libtpu_requirement() or "libtpu"
+      raise ValueError(f"libtpu is not installed, so there is no TPU compiler: pip install \"{want}\" "
+                       f"(what jax[tpu]=={jax.__version__} pins)")
     with captured_stderr(log):
       devices = hardware.topology_devices(topo)
   mesh = loop.make_train_mesh(config, devices)
