@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint directories <-> BLIP-2 composites: `from_pretrained`, `save_pretrained`."""
+"""Hugging Face checkpoint directories <-> BLIP-2 composites: `from_pretrained`, `save_pretrained`.
+BLIP checkpoints (model_type "blip") go to `checkpoints/blip.py`."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from blip2_jax.checkpoints import blip as blip_io
 from blip2_jax.checkpoints import io
 from blip2_jax.core import hub
 from blip2_jax.core import sharding as shd
@@ -34,10 +36,10 @@ def read_hf_config(path: str):
   if not isinstance(raw, dict):
     raise io.CheckpointError(f"{cfg_path} holds a JSON {type(raw).__name__}, not an object")
   model_type = raw.get("model_type")
-  if model_type not in ("blip-2", "instructblip"):
+  if model_type not in ("blip-2", "instructblip", "blip"):
     arch = raw.get("architectures")
     raise io.CheckpointError(
-        f"{path} holds a {model_type!r} checkpoint (architectures {arch}), not a BLIP-2 / InstructBLIP "
+        f"{path} holds a {model_type!r} checkpoint (architectures {arch}), not a BLIP-2 / InstructBLIP / BLIP "
         "one. To start a composite from separate towers use blip2_jax.checkpoints.towers.")
   return transformers.AutoConfig.for_model(**raw)
 
@@ -60,12 +62,18 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, *, param_dtype=None
   mesh: with a `jax.sharding.Mesh`, every tensor is placed straight into its sharding as read
   (each device reads only its block); a dimension its mesh axes do not divide is replicated over
   them instead, with a warning (see `sharding.fit_spec`).
+  BLIP directories (model_type "blip": the CapFilt captioner and filter) load through
+  `checkpoints/blip.py` into a `models.blip` composite (`qformer_dtype` does not apply).
   """
 
   t0 = time.time()
   path = hub.resolve(path, revision=revision, cache_dir=cache_dir, token=token)
   hf_cfg = read_hf_config(path)
   param_dtype = param_dtype if param_dtype is not None else dtype
+  if hf_cfg.model_type == "blip":
+    return blip_io.from_pretrained(path, hf_cfg, mesh=mesh, axis_rules=axis_rules, verbose=verbose, scan=scan,
+                                   remat=remat, attn_impl=attn_impl, dtype=_dtype_name(dtype),
+                                   param_dtype=_dtype_name(param_dtype))
   config = blip2.Blip2Config.from_hf(
       hf_cfg, qformer_dtype=_dtype_name(qformer_dtype), dtype=_dtype_name(dtype),
       param_dtype=_dtype_name(param_dtype), scan=scan, remat=remat, attn_impl=attn_impl)
@@ -88,7 +96,8 @@ def save_pretrained(model, params, path: str, *, dtype=None, max_shard_bytes: in
   after `checkpoints.lavis.load_lavis`) is written as an extra `vision_config.post_layernorm_eps` key:
   `from_pretrained` reads it back; transformers loads the directory but computes that norm with
   `layer_norm_eps` (it has no such field), and a warning says so."""
-
+  if blip_io.is_blip(model):
+    return blip_io.save_pretrained(model, params, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
   config = model.config
   tensors = io.to_state_dict(params, blip2.hf_rules(config), dtype=dtype)
   os.makedirs(path, exist_ok=True)

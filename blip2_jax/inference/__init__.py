@@ -4,10 +4,13 @@
     captions = inference.caption(model, params, tokenizer, ["cat.jpg", "dog.png"])
     answers = inference.answer(model, params, tokenizer, "cat.jpg", ["what colour is the cat?"])
     scores = inference.retrieval_scores(model, params, pixel_values, input_ids, attention_mask, k=128)
+    captions = inference.blip_captions(blip_model, params, tokenizer, pixel_values, keys=keys, num_captions=10)
+    probs = inference.blip_itm_scores(blip_filter, params, tokenizer, pixel_values, [[text, ...], ...])
 
 Everything is batched with fixed shapes (the last batch is padded, `batching`), so each function
-compiles once per model and batch size.
+compiles once per model and batch size; BLIP's CapFilt functions (`blip`) take one batch as given.
 """
+from blip2_jax.inference.blip import blip_captions, blip_image_embeds, blip_itm_scores, image_keys  # noqa: F401
 from blip2_jax.inference.captioning import CAPTION_DEFAULTS, VQA_DEFAULTS, answer, caption, task_defaults  # noqa: F401
 from blip2_jax.inference.generation import generate  # noqa: F401
 from blip2_jax.inference.retrieval import retrieval_scores  # noqa: F401
