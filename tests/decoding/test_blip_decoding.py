@@ -97,14 +97,13 @@ def test_generate_matches_hf(cap, kw, extra):
 
 
 def test_settings_exercise_the_options(cap):
-  """Each setting changes HF's captions, and some captions end before max_length."""
+  """Some captions end before max_length, and the penalties change what the model writes (each
+  processor's own effect is tested on `search` in test_search.py)."""
   plain = _hf_generate(cap, max_length=16)
   ends = [np.flatnonzero(r == SEP) for r in plain]
   assert any(e.size and e[0] < plain.shape[1] - 1 for e in ends)
   assert (_hf_generate(cap, **SETTINGS[0][0]) != plain).any()
-  beam = _hf_generate(cap, **SETTINGS[1][0])
-  assert (beam != _hf_generate(cap, max_length=16, min_length=10)).any()
-  assert (_hf_generate(cap, **SETTINGS[2][0]) != _hf_generate(cap, num_beams=4, max_length=14, min_length=6)).any()
+  assert (_hf_generate(cap, **SETTINGS[1][0])[:, :6] != _hf_generate(cap, **SETTINGS[2][0])[:, :6]).any()
 
 
 # ----------------------------------------------------------------------------------------
