@@ -1,5 +1,5 @@
-"""Hugging Face checkpoint directories <-> BLIP-2 composites (and CLIP, through checkpoints/clip.py):
-`from_pretrained`, `save_pretrained`."""
+"""Hugging Face checkpoint directories <-> BLIP-2 composites (and BLIP / CLIP, through
+checkpoints/blip.py / clip.py): `from_pretrained`, `save_pretrained`."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,14 +11,17 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from blip2_jax.checkpoints import clip as clip_checkpoint
+from blip2_jax.checkpoints import blip as blip_io
+from blip2_jax.checkpoints import clip as clip_io
 from blip2_jax.checkpoints import io
 from blip2_jax.core import hub
 from blip2_jax.core import sharding as shd
-from blip2_jax.models import blip2, clip, qformer
+from blip2_jax.models import blip, blip2, clip, qformer
 
 CONFIG_NAME = "config.json"
-MODEL_TYPES = ("blip-2", "instructblip", "clip")  # config.json model_types read here (clip: checkpoints/clip.py)
+# config.json model_types read here: BLIP-2 composites here, the CapFilt models in their own modules
+_OTHER_MODELS = {"blip": blip_io, "clip": clip_io}
+MODEL_TYPES = ("blip-2", "instructblip", *_OTHER_MODELS)
 
 
 def read_hf_config(path: str):
@@ -41,7 +44,7 @@ def read_hf_config(path: str):
     arch = raw.get("architectures")
     raise io.CheckpointError(
         f"{path} holds a {model_type!r} checkpoint (architectures {arch}), not a BLIP-2 / InstructBLIP "
-        "/ CLIP one. To start a composite from separate towers use blip2_jax.checkpoints.towers.")
+        "/ BLIP / CLIP one. To start a composite from separate towers use blip2_jax.checkpoints.towers.")
   return transformers.AutoConfig.for_model(**raw)
 
 
@@ -53,8 +56,9 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, *, param_dtype=None
                     remat: str = "none", attn_impl: str | None = None, qformer_dtype="float32",
                     axis_rules=shd.DEFAULT_RULES, verbose: bool = False, revision: str | None = None,
                     cache_dir: str | None = None, token=None):
-  """Loads a transformers `save_pretrained` directory of any BLIP-2 class, or of CLIPModel (a
-  `models.clip.CLIPModel`, by checkpoints/clip.py; `qformer_dtype` does not apply); returns (model, params).
+  """Loads a transformers `save_pretrained` directory of any BLIP-2 class, or of BLIP's captioner /
+  filter or CLIPModel (the CapFilt models: `models.blip` / `models.clip`, through checkpoints/blip.py /
+  clip.py; `qformer_dtype` does not apply); returns (model, params).
 
   path: a local directory, or a Hugging Face Hub id ("Salesforce/blip2-opt-2.7b") at `revision`,
   fetched into (or, offline, read from) huggingface_hub's cache (`cache_dir`, `token`: see `blip2_jax.core.hub`).
@@ -72,8 +76,8 @@ def from_pretrained(path: str, dtype=jnp.float32, mesh=None, *, param_dtype=None
   param_dtype = param_dtype if param_dtype is not None else dtype
   runtime = dict(dtype=_dtype_name(dtype), param_dtype=_dtype_name(param_dtype), scan=scan, remat=remat,
                  attn_impl=attn_impl)
-  if hf_cfg.model_type == "clip":
-    model, params = clip_checkpoint.load(path, hf_cfg, mesh=mesh, axis_rules=axis_rules, **runtime)
+  if hf_cfg.model_type in _OTHER_MODELS:
+    model, params = _OTHER_MODELS[hf_cfg.model_type].load(path, hf_cfg, mesh=mesh, axis_rules=axis_rules, **runtime)
   else:
     model, params = _load_blip2(path, hf_cfg, _dtype_name(qformer_dtype), runtime, mesh, axis_rules)
   if verbose:
@@ -100,10 +104,10 @@ def save_pretrained(model, params, path: str, *, dtype=None, max_shard_bytes: in
   after `checkpoints.lavis.load_lavis`) is written as an extra `vision_config.post_layernorm_eps` key:
   `from_pretrained` reads it back; transformers loads the directory but computes that norm with
   `layer_norm_eps` (it has no such field), and a warning says so."""
-
   config = model.config
-  if isinstance(config, clip.CLIPConfig):
-    return clip_checkpoint.save(model, params, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+  for config_cls, module in ((blip.BlipConfig, blip_io), (clip.CLIPConfig, clip_io)):
+    if isinstance(config, config_cls):
+      return module.save(model, params, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
   tensors = io.to_state_dict(params, blip2.hf_rules(config), dtype=dtype)
   _warn_post_eps(config, path)
   io.save_hf_directory(path, tensors, config.to_hf(), dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -87,9 +87,12 @@ def perturb_(model, seed: int = 0, scale: float = 0.3):
 def save_tiny(path: str, arch: str = "Blip2ForConditionalGeneration", family: str | None = "opt",
               seed: int = 0, tokenizer: bool = True, **config_kw) -> str:
   """Builds a tiny random HF model of class `arch`, saves it (and a word-level tokenizer for its
-  LLM, or a BERT-style one for retrieval models) to `path`, returns the path."""
+  LLM, or a BERT-style one for retrieval models) to `path`, returns the path. BLIP architectures
+  go to `save_tiny_blip` (`family` unused)."""
   import torch
   import transformers
+  if arch in BLIP_ARCHS:  # BLIP (no family)
+    return save_tiny_blip(path, arch, seed, tokenizer, **config_kw)
   if arch in ("Blip2ForImageTextRetrieval", "Blip2VisionModelWithProjection", "Blip2TextModelWithProjection"):
     family = None
   cfg = tiny_blip2_config(family, instruct=arch.startswith("InstructBlip"), **config_kw)
@@ -208,5 +211,68 @@ def tiny_tokenizer(family: str | None):
                            sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]")
   raise ValueError(f"unknown family {family!r}")
 
+
+
+# ----------------------------------------------------------------------------------------
+# BLIP (models/blip.py): the CapFilt captioner and filter
+
+BLIP_ARCHS = ("BlipForConditionalGeneration", "BlipForImageTextRetrieval")
+BLIP_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, then WORDS; [DEC] 98, [ENC] 99
+
+
+def tiny_blip_config(**text_overrides):
+  """A 2-layer BLIP: ViT 44 wide (head dim 11), BERT text 32 wide, vocab 100 = 98 wordpieces + [DEC]
+  (bos, 98) + [ENC] (99), [SEP] 3, [PAD] 0. Weights ~N(0, 0.2), about 1 / sqrt(width): logits span
+  several units and stay well conditioned (at 0.5, float32 round-off grew past 1e-5)."""
+  import transformers
+  text = dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=40, bos_token_id=98, sep_token_id=3, pad_token_id=0, eos_token_id=2,
+              initializer_range=0.2)
+  text.update(text_overrides)
+  vision = dict(hidden_size=44, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                patch_size=14)
+  return transformers.BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=24,
+                                 initializer_range=0.2)
+
+
+def tiny_blip_tokenizer(directory: str):
+  """BLIP's tokenizer as its processor builds it: a BERT wordpiece tokenizer (vocab.txt written to
+  `directory`: the specials, then WORDS) with [DEC] added as bos and [ENC] as an extra special."""
+  import transformers
+  os.makedirs(directory, exist_ok=True)
+  vocab = os.path.join(directory, "vocab.txt")
+  with open(vocab, "w") as f:
+    f.write("\n".join((*BLIP_SPECIALS, *WORDS)) + "\n")
+  tok = transformers.BertTokenizer.from_pretrained(directory, do_lower_case=True)
+  tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+  return tok
+
+
+def save_tiny_blip(path: str, arch: str = "BlipForConditionalGeneration", seed: int = 0, tokenizer: bool = True,
+                   sep_bias: float = 3.5, **text_overrides) -> str:
+  """A tiny random HF BLIP model of class `arch` (and its tokenizer) saved to `path`. The captioner's
+  image path is strengthened and its LM head's constant parts damped, so that captions differ per
+  image, and [SEP]'s bias raised by `sep_bias` so that some end early."""
+  import torch
+  import transformers
+  if arch not in BLIP_ARCHS:
+    raise ValueError(f"unknown BLIP architecture {arch!r}; choose from {BLIP_ARCHS}")
+  torch.manual_seed(seed)
+  model = getattr(transformers, arch)(tiny_blip_config(**text_overrides)).eval()
+  perturb_(model, seed)
+  if arch == "BlipForConditionalGeneration":
+    head = model.text_decoder.cls.predictions
+    with torch.no_grad():
+      for name, p in model.named_parameters():
+        if ".crossattention." in name and name.endswith("weight") and "LayerNorm" not in name:
+          p.mul_(3.0)
+      head.transform.LayerNorm.bias.mul_(0.1)
+      head.bias.mul_(0.3)
+      head.bias[model.config.text_config.sep_token_id] += sep_bias
+  os.makedirs(path, exist_ok=True)
+  model.save_pretrained(path)
+  if tokenizer:
+    tiny_blip_tokenizer(path).save_pretrained(path)
+  return path
 
 # Questions / instructions over the generated scenes (blip2_jax.data.synthetic) for fine-tuning demos.

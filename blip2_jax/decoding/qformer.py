@@ -110,8 +110,10 @@ def generate(model, params, lm_head_params, pixel_values, *, bos_token_id: int, 
   """Captions images with the Q-Former LM head: int32 (B, max_new_tokens) new tokens (after
   `[DEC]`), `pad_token_id` after `[SEP]` (eos). Options as `blip2_jax.generate` (HF `generate`
   semantics) with LAVIS's defaults (`DEFAULTS`: beams 3, max_new_tokens 29, min_new_tokens 9);
-  `do_sample=True, top_p=0.9, num_beams=1` is LAVIS's nucleus sampling. Tokens: `bos_token_id`
-  is `[DEC]`, `eos_token_id` `[SEP]` (the tokenizer's bos / sep ids)."""
+  `do_sample=True, top_p=0.9, num_beams=1` is LAVIS's nucleus sampling; `rng` is one key, or one
+  key per image (typed (B,) or raw (B, 2)): image n then samples from its own key alone, whatever
+  the batch (`search`). Tokens: `bos_token_id` is `[DEC]`, `eos_token_id` `[SEP]` (the tokenizer's
+  bos / sep ids)."""
   _check_model(model)
   vocab = model.config.qformer.vocab_size
   for name, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):

@@ -18,6 +18,12 @@ What HF's processors see (its `input_ids`) is [context; generated]; two HF detai
     the first real one still count, as in HF (for T5 HF passes no mask: the whole context counts).
   * the no-repeat-n-gram ban looks at every context position, left padding included (HF's
     processor has no mask).
+Random streams (sampling and beam sampling): `rng` is one key, or one key per input row (typed keys
+(B,) or raw uint32 keys (B, 2)). With one key, step t draws for the whole batch from
+fold_in(rng, t), so a row's sample depends on the batch around it. With per-row keys, row n draws at
+step t from fold_in(rng[n], t) alone: its output depends only on its own key and inputs, not on its
+position, the batch size or how the batch is split over devices (what CapFilt needs to make the same
+captions for an image wherever it lands).
 Deliberate differences: the output is (B, max_new_tokens) new tokens with `pad_token_id` after EOS
 and after an early stop (HF's beam search fills with `pad or eos[0]`, i.e. eos when pad == 0, and
 crops to the longest row); only the best beam is returned (num_return_sequences = 1).
@@ -200,6 +206,22 @@ def _penalty_mask(context_mask: Array, g: int) -> Array:
   return jnp.concatenate([ctx, jnp.ones((m.shape[0], g), bool)], axis=1)
 
 
+def per_row_keys(rng) -> bool:
+  """Whether `rng` holds one key per row (typed keys (N,), raw uint32 keys (N, 2)) rather than one."""
+  if rng is None:
+    return False
+  typed = jax.dtypes.issubdtype(jnp.asarray(rng).dtype, jax.dtypes.prng_key)
+  return np.ndim(rng) == (1 if typed else 2)
+
+
+def _random(rng, t, fn, x):
+  """fn(key, x) with step t's key: fold_in(rng, t) over the whole batch for one key; with per-row
+  keys, row n computes fn(fold_in(rng[n], t), x[n]) alone."""
+  if per_row_keys(rng):
+    return jax.vmap(lambda k, xi: fn(jax.random.fold_in(k, t), xi))(rng, x)
+  return fn(jax.random.fold_in(rng, t), x)
+
+
 def _sample_or_greedy(step_fn, state, first_logits, ctx, ctx_mask, rng, o: _Options):
   b, c = ctx.shape
   g = o.max_new_tokens
@@ -211,7 +233,7 @@ def _sample_or_greedy(step_fn, state, first_logits, ctx, ctx_mask, rng, o: _Opti
     ok = ok & _finite_rows(logits)
     scores = apply_processors(logits, buf, pen_mask, c + t, prompt_len=c, **procs)
     if o.do_sample:
-      tok = jax.random.categorical(jax.random.fold_in(rng, t), scores, axis=-1).astype(jnp.int32)
+      tok = _random(rng, t, lambda key, s: jax.random.categorical(key, s, axis=-1), scores).astype(jnp.int32)
     else:
       tok = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     if o.eos:  # HF: finished rows get pad; a row finishes on an EOS token
@@ -271,7 +293,7 @@ def _beam(step_fn, state, first_logits, ctx, ctx_mask, rng, o: _Options):
     logp = apply_processors(logp, run_seq.reshape(b * k, s), pen_mask, c + t, prompt_len=c, **procs)
     acc = (logp.reshape(b, k, vocab) + run_scores[:, :, None]).reshape(b, k * vocab)
     if o.do_sample:  # multinomial without replacement == Gumbel top-k
-      gum = jax.random.gumbel(jax.random.fold_in(rng, t), acc.shape, jnp.float32)
+      gum = _random(rng, t, lambda key, a: jax.random.gumbel(key, a.shape, jnp.float32), acc)
       idx = lax.top_k(acc + gum, keep)[1]
       top_lp = jnp.take_along_axis(acc, idx, axis=1)
     else:
@@ -383,7 +405,8 @@ def search(step_fn: StepFn, state, first_logits, context_ids, context_mask, *,
   else every leaf as `x[beam_idx]`.
   context_ids / context_mask (B, C): HF's `input_ids` / attention mask (what processors see).
   eos_token_id: int, list of ints or None; pad_token_id defaults to the first EOS (HF).
-  early_stopping: True, False or "never" (HF semantics). rng: jax key, required to sample.
+  early_stopping: True, False or "never" (HF semantics). rng: jax key, or one key per row of the
+  batch (typed (B,) or raw (B, 2): see the module docstring), required to sample.
   Returns int32 (B, max_new_tokens): new tokens, pad after EOS / after the search stopped. With
   `return_finite`, (tokens, finite (B,) bool): whether every logit the model gave for that input (all
   its beams) was finite; the search stops at the first step where one was not (its tokens are then
@@ -400,6 +423,8 @@ def search(step_fn: StepFn, state, first_logits, context_ids, context_mask, *,
   if do_sample and rng is None:
     raise ValueError("do_sample=True needs rng (a jax.random key)")
   b = np.shape(context_ids)[0]
+  if per_row_keys(rng) and np.shape(rng)[0] != b:
+    raise ValueError(f"rng holds {np.shape(rng)[0]} per-row keys for a batch of {b} rows")
   if max_new_tokens == 0:
     empty = jnp.zeros((b, 0), jnp.int32)
     return (empty, jnp.all(jnp.isfinite(first_logits), axis=-1)) if return_finite else empty

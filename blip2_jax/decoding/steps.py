@@ -38,15 +38,15 @@ Array = jax.Array
 StepFn = Callable[[Any, Array, Array], tuple[Array, Any]]
 
 
-def _to_batch_major(cache):
+def to_batch_major(cache):
   """Layer-leading cache (L, B, ...) -> list of L per-layer caches (B, ...): batch-leading leaves
   for the search without moving any data (a transpose copied the whole cache every step)."""
   n = jax.tree_util.tree_leaves(cache)[0].shape[0]
   return [jax.tree_util.tree_map(lambda a, i=i: a[i], cache) for i in range(n)]
 
 
-def _to_layer_major(cache):
-  """Inverse of `_to_batch_major`. Unrolled models index the stack right back per layer, which
+def to_layer_major(cache):
+  """Inverse of `to_batch_major`. Unrolled models index the stack right back per layer, which
   XLA folds away (slice of concatenate), so each layer's buffer is updated in place; a scanned
   model pays one stacking copy."""
   return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cache)
@@ -119,7 +119,7 @@ def prefill(model, params, pixel_values, input_ids=None, attention_mask=None, *,
   out = model.apply(variables, method=lm_call(lambda lm: lm(
       inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, cache=cache,
       cache_index=0)))
-  state = {"cache": _to_batch_major(out["cache"]), "mask": full_mask,
+  state = {"cache": to_batch_major(out["cache"]), "mask": full_mask,
            "position": positions[:, -1] + 1,  # HF: position_ids[..., -1:] + 1 per new token
            "index": jnp.full((b,), p, jnp.int32)}
 
@@ -138,7 +138,7 @@ def _prefill_t5(model, variables, lm_call, embeds, mask, max_new_tokens):
   cache = registry.family(text_cfg).init_cache(text_cfg, b, max_new_tokens + 1, p)
   out = model.apply(variables, method=lm_call(lambda lm: lm.decode(
       start, enc, mask, cache=cache, cache_index=0)))
-  state = {"cache": _to_batch_major(out["cache"]), "encoder_mask": mask,
+  state = {"cache": to_batch_major(out["cache"]), "encoder_mask": mask,
            "index": jnp.ones((b,), jnp.int32)}
 
   # slot 0 (the start token) and the cross-attention keys / values are the same for every beam
@@ -185,8 +185,8 @@ def _make_step_fn(model, params) -> StepFn:
       del step  # the state carries its cache slot
       o = model.apply(variables, method=lm_call(lambda lm: lm.decode(
           tokens.astype(jnp.int32)[:, None], None, state["encoder_mask"],
-          cache=_to_layer_major(state["cache"]), cache_index=state["index"][0])))
-      new = {"cache": _to_batch_major(o["cache"]), "encoder_mask": state["encoder_mask"],
+          cache=to_layer_major(state["cache"]), cache_index=state["index"][0])))
+      new = {"cache": to_batch_major(o["cache"]), "encoder_mask": state["encoder_mask"],
              "index": state["index"] + 1}
       return o["logits"][:, 0].astype(jnp.float32), new
     return step_fn
@@ -195,8 +195,8 @@ def _make_step_fn(model, params) -> StepFn:
     del step  # the state carries its cache slot
     o = model.apply(variables, method=lm_call(lambda lm: lm(
         tokens.astype(jnp.int32)[:, None], state["mask"], position_ids=state["position"][:, None],
-        cache=_to_layer_major(state["cache"]), cache_index=state["index"][0])))
-    new = {"cache": _to_batch_major(o["cache"]), "mask": state["mask"],
+        cache=to_layer_major(state["cache"]), cache_index=state["index"][0])))
+    new = {"cache": to_batch_major(o["cache"]), "mask": state["mask"],
            "position": state["position"] + 1, "index": state["index"] + 1}
     return o["logits"][:, 0].astype(jnp.float32), new
   return step_fn

@@ -48,15 +48,16 @@ def retrieval_scores(model, params, pixel_values, input_ids, attention_mask=None
 
   Returns {"itc": (I, T), "i2t": (I, T), "t2i": (T, I)}; pairs outside a top-k keep -100 in
   i2t / t2i, as LAVIS. `model` must be a Blip2ForImageTextRetrieval. Texts wider than the Q-Former's
-  learned positions (`max_position_embeddings`) are refused (ValueError); features or ITM logits that
+  learned positions (`max_position_embeddings`; BLIP: its BERT's) are refused (ValueError); features or ITM logits that
   are not finite (NaN weights or inputs) raise `NonFiniteError`: NaN scores rank arbitrarily.
   """
   registry.require(model, registry.ITM, "retrieval")
   pixel_values = np.asarray(pixel_values, np.float32)
   input_ids = np.asarray(input_ids, np.int32)
-  limit = model.config.qformer.max_position_embeddings
+  text_cfg = getattr(model.config, "qformer", None) or model.config.text  # BLIP-2's Q-Former, BLIP's BERT
+  limit = text_cfg.max_position_embeddings
   if input_ids.shape[1] > limit:
-    raise ValueError(f"texts of {input_ids.shape[1]} tokens, but the Q-Former has {limit} positions "
+    raise ValueError(f"texts of {input_ids.shape[1]} tokens, but the text model has {limit} positions "
                      "(max_position_embeddings, learned): tokenise to at most that many")
   attention_mask = (np.ones_like(input_ids) if attention_mask is None
                     else np.asarray(attention_mask, np.int32))

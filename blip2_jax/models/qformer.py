@@ -28,6 +28,11 @@ Masks: `attention_mask` is a keep-mask (1/True = attend) of shape (B, S) over [q
 K/V are the same in both.
 
 All params are created at init whatever inputs are given (unused branches run on dummies).
+
+The BERT blocks here (attention, output, intermediate, embeddings, the `cls.predictions` head and
+their name-table helpers) also build BLIP's text model (models/blip.py); for its decoding, the
+attention takes key / value caches and lets several query rows share one image's keys / values
+(`QFormerMultiHeadAttention`). Without those arguments it computes exactly what it did before.
 """
 from __future__ import annotations
 
@@ -186,24 +191,59 @@ def _norm(cfg, name):
 
 
 class QFormerMultiHeadAttention(nn.Module):
-  """query/key/value projections + attention core (HF `...attention.attention`)."""
+  """query/key/value projections + attention core (HF `...attention.attention`).
+
+  BLIP's text decoder (models/blip.py) decodes with caches, head-major {"k", "v"}: (B, N, S, H)
+  (`layers.cache_update`), returned as (out, new cache): with `cache_index` the keys / values of
+  `x` go to slots cache_index.. (self-attention); without it, cross-attention keys / values are
+  projected from `kv` into a fresh cache or, `kv` None, read from `cache`. Cross-attention keys /
+  values may have fewer rows than `x`: G = rows(x) / rows(kv) consecutive rows of `x` share one
+  key / value row (an image and its G captions), projected once."""
   config: QFormerConfig
   cross: bool = False
 
   @nn.compact
-  def __call__(self, x, bias, kv=None, deterministic=True):
+  def __call__(self, x, bias, kv=None, deterministic=True, cache=None, cache_index=None):
     cfg = self.config
-    n, d = cfg.num_attention_heads, cfg.hidden_size
-    src = x if kv is None else kv
-    q = L.split_heads(L.dense(cfg, d, ("embed", "heads"), "query")(x), n)
-    k = L.split_heads(L.dense(cfg, d, ("embed", "heads"), "key")(src), n)
-    v = L.split_heads(L.dense(cfg, d, ("embed", "heads"), "value")(src), n)
     dt = cfg.jdtype
+    q = L.split_heads(L.dense(cfg, cfg.hidden_size, ("embed", "heads"), "query")(x), cfg.num_attention_heads)
+    if cache is not None:
+      return self._cached(q, x, kv, bias, cache, cache_index)
+    k, v = self._key_value(x if kv is None else kv)
     train = not deterministic and cfg.attention_probs_dropout_prob > 0.0
-    out = L.attention(q, k, v, bias=bias, implementation=cfg.attn_impl, dtype=dt,
-                      dropout_rate=cfg.attention_probs_dropout_prob if train else 0.0,
-                      dropout_rng=self.make_rng("dropout") if train else None)
-    return L.merge_heads(out)
+    attend = lambda q: L.attention(q, k, v, bias=bias, implementation=cfg.attn_impl, dtype=dt,
+                                   dropout_rate=cfg.attention_probs_dropout_prob if train else 0.0,
+                                   dropout_rng=self.make_rng("dropout") if train else None)
+    return L.merge_heads(_shared_rows(attend, q, k.shape[0]))
+
+  def _key_value(self, src):
+    cfg = self.config
+    return tuple(L.split_heads(L.dense(cfg, cfg.hidden_size, ("embed", "heads"), name)(src),
+                               cfg.num_attention_heads) for name in ("key", "value"))
+
+  def _cached(self, q, x, kv, bias, cache, cache_index):
+    if cache_index is not None:  # self-attention: this step's keys / values into their slots
+      k, v = self._key_value(x)
+      k, v = L.cache_update(cache["k"], k, cache_index), L.cache_update(cache["v"], v, cache_index)
+    elif kv is not None:  # cross-attention, first call: a fresh head-major cache
+      k, v = (jnp.swapaxes(t, 1, 2) for t in self._key_value(kv))
+    else:  # cross-attention keys / values projected once
+      k, v = cache["k"], cache["v"]
+    attend = lambda q: L.cached_attention(q, k, v, bias=bias, dtype=self.config.jdtype)
+    return L.merge_heads(_shared_rows(attend, q, k.shape[0])), {"k": k, "v": v}
+
+
+def _shared_rows(attend, q, kv_rows: int):
+  """attend(q) where G = rows(q) / kv_rows consecutive query rows share one key / value row: their
+  queries are laid side by side in that row ((B*G, T, ...) -> (B, G*T, ...)); rows never see each
+  other, since every query attends to the keys alone."""
+  rows, t = q.shape[:2]
+  if rows == kv_rows:
+    return attend(q)
+  if rows % kv_rows:
+    raise ValueError(f"{rows} query rows cannot share {kv_rows} key / value rows")
+  out = attend(q.reshape(kv_rows, rows // kv_rows * t, *q.shape[2:]))
+  return out.reshape(rows, t, *out.shape[2:])
 
 
 class QFormerSelfOutput(nn.Module):
@@ -220,14 +260,17 @@ class QFormerSelfOutput(nn.Module):
 
 
 class QFormerAttention(nn.Module):
+  """Attention + output; with `cache` (see QFormerMultiHeadAttention) -> (out, new cache)."""
   config: QFormerConfig
   cross: bool = False
 
   @nn.compact
-  def __call__(self, x, bias, kv=None, deterministic=True):
+  def __call__(self, x, bias, kv=None, deterministic=True, cache=None, cache_index=None):
     h = QFormerMultiHeadAttention(self.config, self.cross, name="attention")(
-        x, bias, kv, deterministic)
-    return QFormerSelfOutput(self.config, name="output")(h, x, deterministic)
+        x, bias, kv, deterministic, cache, cache_index)
+    h, new_cache = h if cache is not None else (h, None)
+    out = QFormerSelfOutput(self.config, name="output")(h, x, deterministic)
+    return out if cache is None else (out, new_cache)
 
 
 class QFormerIntermediate(nn.Module):
@@ -497,14 +540,17 @@ def lm_head_hf_ignore(tie_word_embeddings: bool = True) -> list[str]:
   return out + ([r"(.*\.)?cls\.predictions\.decoder\.weight"] if tie_word_embeddings else [])
 
 
-def _attn_rules(flax, hf, out):
+def attention_rules(flax, hf, out, inner: str = "attention"):
+  """Appends the rules of a `QFormerAttention` at `flax` <-> a BERT attention block at `hf`, whose
+  query / key / value live under `hf.{inner}` (Q-Former: `attention`, BLIP's text model: `self`)."""
   for p in ("query", "key", "value"):
-    out += [Rule(f"{flax}/attention/{p}/kernel", f"{hf}.attention.{p}.weight", "linear"),
-            Rule(f"{flax}/attention/{p}/bias", f"{hf}.attention.{p}.bias")]
-  _out_rules(flax + "/output", hf + ".output", out)
+    out += [Rule(f"{flax}/attention/{p}/kernel", f"{hf}.{inner}.{p}.weight", "linear"),
+            Rule(f"{flax}/attention/{p}/bias", f"{hf}.{inner}.{p}.bias")]
+  output_rules(flax + "/output", hf + ".output", out)
 
 
-def _out_rules(flax, hf, out):
+def output_rules(flax, hf, out):
+  """Appends the rules of a `QFormerSelfOutput` (dense + LayerNorm)."""
   out += [Rule(f"{flax}/dense/kernel", f"{hf}.dense.weight", "linear"),
           Rule(f"{flax}/dense/bias", f"{hf}.dense.bias"),
           Rule(f"{flax}/LayerNorm/scale", f"{hf}.LayerNorm.weight"),
@@ -532,13 +578,13 @@ def hf_rules(config: QFormerConfig, layout: str | None = None) -> list[Rule]:
   f = config.cross_attention_frequency
   for i in range(config.num_hidden_layers):
     fl, hf = f"encoder/layers_{i // f}/layer_{i % f}", f"encoder.layer.{i}"
-    _attn_rules(f"{fl}/attention", f"{hf}.attention", out)
+    attention_rules(f"{fl}/attention", f"{hf}.attention", out)
     if i % f == 0:
-      _attn_rules(f"{fl}/crossattention", f"{hf}.crossattention", out)
+      attention_rules(f"{fl}/crossattention", f"{hf}.crossattention", out)
     for sfx in (("", "_query") if config.has_text_ffn else ("_query",)):
       fi, hi = f"{fl}/intermediate{sfx}/dense", f"{hf}.intermediate{sfx}.dense"
       out += [Rule(f"{fi}/kernel", f"{hi}.weight", "linear"), Rule(f"{fi}/bias", f"{hi}.bias")]
-      _out_rules(f"{fl}/output{sfx}", f"{hf}.output{sfx}", out)
+      output_rules(f"{fl}/output{sfx}", f"{hf}.output{sfx}", out)
   return out
 
 

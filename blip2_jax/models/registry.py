@@ -2,14 +2,14 @@
 
 Families (`FAMILIES`): opt, t5, llama, each its config class, language-model module, name-table
 functions, cache init and whether it is encoder-decoder.
-Architectures (`ARCHITECTURES`): every HF BLIP-2 / InstructBLIP class name and CLIPModel, the
-composite of `blip2` (or `clip`) that implements it and what it can do. Ask for a capability instead
-of probing methods:
+Architectures (`ARCHITECTURES`): every HF BLIP-2 / InstructBLIP class name, BLIP's captioner and
+filter and CLIPModel, the composite of `blip2` (or `blip`, `clip`) that implements it and what it can
+do. Ask for a capability instead of probing methods:
 
   registry.require(model, registry.ITM, "retrieval")  # TypeError naming the models that can
   if registry.can(model, registry.ITG): ...
 
-Composites bind themselves to their architectures with `@registry.composite` (blip2.py).
+Composites bind themselves to their architectures with `@registry.composite` (blip2.py, blip.py).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ ITC = "itc"  # image-text contrastive scores: `image_features`, `text_features`
 ITM = "itm"  # image-text matching: `itm_logits`
 ITG = "itg"  # the Q-Former's image-grounded text pass (stage-1 captioning): `itg_hidden`
 INSTRUCT = "instruct"  # InstructBLIP: the instruction text also enters the Q-Former
+CAPTION = "caption"  # BLIP's image-grounded text decoder: `decode` (decoding/blip.py)
 
 # capability -> what it means, and the composite method that provides it (checked when a composite
 # binds itself, so the table cannot drift from the classes)
@@ -37,9 +38,10 @@ CAPABILITIES = {
     ITM: "image-text matching (ITM)",
     ITG: "the Q-Former's image-grounded text pass (stage-1 captioning)",
     INSTRUCT: "InstructBLIP's instruction input to the Q-Former",
+    CAPTION: "BLIP's image-grounded text decoder (captioning)",
 }
 _METHODS = {LM: "get_image_features", ITC: "text_features", ITM: "itm_logits", ITG: "itg_hidden",
-            INSTRUCT: "get_image_features"}
+            INSTRUCT: "get_image_features", CAPTION: "decode"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +113,9 @@ ARCHITECTURES = dict([
     _arch("Blip2ForImageTextRetrieval", "Blip2ForImageTextRetrieval", ITC, ITM, ITG),
     _arch("Blip2VisionModelWithProjection", "Blip2VisionModelWithProjection"),
     _arch("Blip2TextModelWithProjection", "Blip2TextModelWithProjection"),
+    # BLIP (models/blip.py): the CapFilt captioner and filter
+    _arch("BlipForConditionalGeneration", "BlipForConditionalGeneration", CAPTION),
+    _arch("BlipForImageTextRetrieval", "BlipForImageTextRetrieval", ITC, ITM),
     _arch("CLIPModel", "CLIPModel", ITC),  # models/clip.py: CapFilt's ranker
 ])
 
@@ -161,7 +166,7 @@ def capabilities(x) -> frozenset[str]:
   caps = set(architecture(cfg.architecture).capabilities)
   if cfg.text is None:
     caps.discard(LM)
-  if getattr(cfg, "instruct", False):  # a BLIP-2 field; other families' configs lack it
+  if getattr(cfg, "instruct", False):  # a BLIP-2 field; BLIP's and CLIP's configs lack it
     caps.add(INSTRUCT)
   return frozenset(caps)
 

@@ -110,7 +110,7 @@ def test_require_names_what_can():
   model = blip2.build(blip2.Blip2Config.from_hf(hf))
   registry.require(model, registry.LM, "captioning")
   with pytest.raises(TypeError, match="retrieval needs a checkpoint with image-text matching \\(ITM\\): "
-                     "Blip2ForImageTextRetrieval; Blip2ForConditionalGeneration has none"):
+                     "Blip2ForImageTextRetrieval or BlipForImageTextRetrieval; Blip2ForConditionalGeneration has none"):
     registry.require(model, registry.ITM, "retrieval")
   with pytest.raises(ValueError, match="unknown capability 'fly'"):
     registry.can(model, "fly")
