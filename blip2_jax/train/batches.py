@@ -33,8 +33,7 @@ def fix_width(x: np.ndarray, width: int, fill) -> np.ndarray:
   return np.concatenate([x, pad], axis=-1)
 
 
-def _pad_id(tok) -> int:
-  return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+_pad_id = losses.pad_id
 
 
 def _fixed(batch: dict, width: int, pad: int) -> dict:
@@ -50,7 +49,7 @@ def _rows(tok, texts, add_special_tokens=True):
 def prefix_lm_text(tok, family: str, prompts, targets, max_len: int, eos_token_id: int | None = None) -> dict:
   """LLM side of a prompt -> target batch (VQA, instructions), right padded to max_len; loss on the target.
 
-  decoder-only (OPT, LLaMA): [prompt + " " + target, EOS] tokenised as ONE string (as at generation
+  decoder-only (OPT, LLaMA, Qwen, Mistral, Gemma): [prompt + " " + target, EOS] tokenised as ONE string (as at generation
     time, where the answer continues the prompt: a BPE tokenizer then gives " red", not "red"), labels
     from the prompt's own token count on (the prompt, incl. BOS, carries no loss). `eos_token_id` is
     the token generation stops at (the model's text config: "\\n" for HF's BLIP-2 OPT), else the
@@ -69,6 +68,8 @@ def prefix_lm_text(tok, family: str, prompts, targets, max_len: int, eos_token_i
       ids[i, :len(a)], mask[i, :len(a)] = a, 1
       labels[i, :len(b)], dmask[i, :len(b)] = b, 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_attention_mask": dmask}
+  if isinstance(eos_token_id, (tuple, list)):  # several stop ids (Qwen2.5, Gemma 3): the first ends rows
+    eos_token_id = eos_token_id[0]
   eos = tok.eos_token_id if eos_token_id is None else int(eos_token_id)
   heads = _rows(tok, prompts)
   fulls = _rows(tok, [f"{p.rstrip()} {t.strip()}" for p, t in zip(prompts, targets)])
