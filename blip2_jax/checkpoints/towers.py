@@ -13,7 +13,7 @@ Sources (HF `save_pretrained` directories, or `.bin` / safetensors files where n
   language_model  OPTForCausalLM / T5ForConditionalGeneration / LlamaForCausalLM /
                   Qwen2ForCausalLM / Qwen3ForCausalLM / MistralForCausalLM / Gemma2ForCausalLM /
                   Gemma3ForCausalLM, or a Gemma 3 composite (Gemma3ForConditionalGeneration: its
-                  text model, `model.language_model.*`; the vision tower is left out).
+                  text model, `language_model.model.*`; the vision tower is left out).
 Each may also be a Hugging Face Hub id ("google-bert/bert-base-uncased"), resolved to its cached
 snapshot (blip2_jax.core.hub). Everything else (query tokens N(0, initializer_range), language / vision /
 text projections, itm_head, and any tower not given) is freshly initialised by `build(config).init`
@@ -183,7 +183,9 @@ def _load_llm(path, config, abstract, mesh, axis_rules):
           "with config_from_towers / text_config_from_dir")
   rules, ignore = fam.hf_rules(config.text), fam.hf_ignore(config.text)
   if _read_json(path, "language_model").get("model_type") == GEMMA3_COMPOSITE:
-    rules, ignore = gemma.composite_hf_rules(config.text), gemma.composite_hf_ignore(config.text)
+    layout = gemma.composite_layout(reader.keys())
+    rules = gemma.composite_hf_rules(config.text, layout)
+    ignore = gemma.composite_hf_ignore(config.text, layout)
   try:
     params = io.load_params(reader, rules, abstract, mesh=mesh, axis_rules=axis_rules,
                             ignore=ignore, name=path)

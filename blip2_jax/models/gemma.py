@@ -27,7 +27,10 @@ Parameter tree (unrolled), mirroring HF names:
   model/norm/scale
   lm_head/kernel                                (untied models only)
 A Gemma 3 *composite* directory (model_type "gemma3", Gemma3ForConditionalGeneration) gives its
-text config and, under `model.language_model.`, its LLM weights (`composite_hf_rules`).
+text config and, under `language_model.model.` (as saved), its LLM weights (`composite_hf_rules`);
+the LLM runs as Gemma3ForCausalLM (what HF's BLIP-2 builds from that text config), which applies
+`final_logit_softcapping` where Gemma3ForConditionalGeneration's own head does not (None in the
+released models, so they agree).
 """
 from __future__ import annotations
 
@@ -219,13 +222,25 @@ hf_rules = llama.hf_rules  # the config's layer_norms / qk_norm name Gemma's ext
 hf_ignore = llama.hf_ignore
 
 
-def composite_hf_rules(config: Gemma3TextConfig) -> list[Rule]:
-  """The LLM's names inside a Gemma 3 composite checkpoint (Gemma3ForConditionalGeneration):
-  `model.language_model.*` and the head."""
-  return [dataclasses.replace(r, hf="model.language_model." + r.hf[len("model."):])
-          if r.hf.startswith("model.") else r for r in hf_rules(config)]
+# A Gemma 3 composite's LLM keys: transformers 5 holds `model.language_model.*` + `lm_head` in
+# memory and saves (as the Hub checkpoints are) `language_model.model.*` + `language_model.lm_head`.
+COMPOSITE_LAYOUTS = {"saved": ("language_model.model.", "language_model.lm_head."),
+                     "module": ("model.language_model.", "lm_head.")}
 
 
-def composite_hf_ignore(config: Gemma3TextConfig) -> list[str]:
-  """A Gemma 3 composite's keys the LLM does not use: its vision tower and projector."""
-  return [r"model\.vision_tower\..*", r"model\.multi_modal_projector\..*"] + hf_ignore(config)
+def composite_layout(keys) -> str:
+  """The layout (COMPOSITE_LAYOUTS) of a Gemma 3 composite checkpoint's tensor names."""
+  return "saved" if any(k.startswith("language_model.model.") for k in keys) else "module"
+
+
+def composite_hf_rules(config: Gemma3TextConfig, layout: str = "saved") -> list[Rule]:
+  """The LLM's names inside a Gemma 3 composite checkpoint (Gemma3ForConditionalGeneration)."""
+  model, head = COMPOSITE_LAYOUTS[layout]
+  return [dataclasses.replace(r, hf=(model + r.hf[len("model."):]) if r.hf.startswith("model.")
+                              else head + r.hf[len("lm_head."):]) for r in hf_rules(config)]
+
+
+def composite_hf_ignore(config: Gemma3TextConfig, layout: str = "saved") -> list[str]:
+  """A Gemma 3 composite's keys the LLM does not use (vision tower, projector) or may hold (tied head)."""
+  head = COMPOSITE_LAYOUTS[layout][1].replace(".", r"\.")
+  return [r"(model\.)?vision_tower\..*", r"(model\.)?multi_modal_projector\..*", head + "weight"]
