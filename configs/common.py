@@ -113,6 +113,9 @@ def base(task: str) -> ml_collections.ConfigDict:
   # as given: with a trailing space ("a photo of ") that is also the caption's first token (byte-level
   # BPE); "exact" masks the prompt's own tokens only. Equal for prompts without one ("a photo of").
   c.loss.prompt_mask = "lavis"
+  # VQA / instruction prompts as a user turn of the LLM tokenizer's chat template (instruction-tuned
+  # LLMs such as Qwen2.5-Instruct or Gemma IT; evaluation uses it too); False: raw, as BLIP-2 / InstructBLIP
+  c.loss.chat_template = False
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "annotations"     # annotations | array_record | tfds | shapes

@@ -265,8 +265,21 @@ def padding_side(family: str) -> str:
   return "left" if _check_family(family) in DECODER_ONLY else "right"
 
 
+def chat_prompt(tokenizer, text: str) -> str:
+  """`text` as one user turn of the tokenizer's chat template, ending with the assistant's turn
+  opening (`add_generation_prompt`), for instruction-tuned LLMs (Qwen2.5-Instruct, Gemma IT, ...);
+  `text` unchanged when the tokenizer has no chat template. A BOS the template writes is dropped:
+  tokenising with special tokens adds it back, once."""
+  if not getattr(tokenizer, "chat_template", None):
+    return text
+  out = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                      add_generation_prompt=True)
+  bos = tokenizer.bos_token
+  return out[len(bos):] if bos and out.startswith(bos) else out
+
+
 def tokenize_prompts(tokenizer, prompts: str | Iterable[str], family: str, *, max_length: int | None = None,
-                     pad_to: int | None = None, dtype=np.int32) -> dict[str, np.ndarray]:
+                     pad_to: int | None = None, dtype=np.int32, chat_template: bool = False) -> dict[str, np.ndarray]:
   """Tokenises a batch of prompts with the tokenizer's special tokens (the decoder-only LLMs' BOS
   where their tokenizer adds one, T5's EOS) and pads them: on the LEFT for the decoder-only LLMs,
   on the RIGHT for T5.
@@ -275,12 +288,15 @@ def tokenize_prompts(tokenizer, prompts: str | Iterable[str], family: str, *, ma
   which must be at least that). `max_length` truncates each row to that many tokens: from the left
   for decoder-only models (keeping the end of the prompt, where generation continues), from the
   right for T5. The pad id is the tokenizer's pad token (else its EOS, else 0); padded positions
-  have mask 0, so their id never matters. The tokenizer itself is not modified.
+  have mask 0, so their id never matters. The tokenizer itself is not modified. `chat_template`:
+  each prompt goes through `chat_prompt` first.
   """
   fam = _check_family(family)
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   if not prompts:
     raise ValueError("no prompts given")
+  if chat_template:
+    prompts = [chat_prompt(tokenizer, p) for p in prompts]
   rows = tokenizer(prompts, add_special_tokens=True, padding=False, truncation=False)["input_ids"]
   left = fam in DECODER_ONLY
   if max_length is not None:

@@ -67,15 +67,16 @@ def _image_list(images):
 
 
 def _generate_texts(model, params, tokenizer, images, prompts: list[str], *, batch_size: int,
-                    progress: bool, qformer_tokenizer, processor, errors, desc: str, options: dict
-                    ) -> list[str | None]:
+                    progress: bool, qformer_tokenizer, processor, errors, desc: str, options: dict,
+                    chat_template: bool = False) -> list[str | None]:
   pre, raw = _image_list(images)
   n = len(pre) if pre is not None else len(raw)
   if len(prompts) != n:
     raise ValueError(f"{len(prompts)} prompts for {n} images")
   cfg = model.config
   # every prompt padded to the longest of the whole set: one compile serves every batch
-  enc = processing.tokenize_prompts(tokenizer, prompts, cfg.family)
+  # the LLM reads the prompts in its chat template if asked; InstructBLIP's Q-Former reads them raw
+  enc = processing.tokenize_prompts(tokenizer, prompts, cfg.family, chat_template=chat_template)
   ids, mask = enc["input_ids"], enc["attention_mask"]
   qids = qmask = None
   if cfg.instruct:
@@ -138,7 +139,7 @@ def _batched_texts(run, tokenizer, images, image_size, *, batch_size, progress, 
 
 def caption(model, params, tokenizer, images, *, prompt: str | Sequence[str] | None = None, batch_size: int = 8,
             progress: bool = False, qformer_tokenizer=None, processor=None, errors: list | None = None,
-            qformer_lm_head=None, **gen_options) -> list[str]:
+            qformer_lm_head=None, chat_template: bool = False, **gen_options) -> list[str]:
   """Captions images with a BLIP-2 / InstructBLIP checkpoint; returns one stripped string per image.
 
   images: a list of paths / PIL images / uint8 (H, W[, C]) arrays (preprocessed here with `processor`,
@@ -146,7 +147,8 @@ def caption(model, params, tokenizer, images, *, prompt: str | Sequence[str] | N
   already preprocessed float (N, H, W, 3) array. prompt: "a photo of" (`processing.CAPTION_PROMPT`,
   as LAVIS) when None; "" for none; or one prompt per image. The generated continuation (new tokens
   only, special tokens skipped) is returned, without the prompt. InstructBLIP: the prompt also enters
-  the Q-Former, tokenised with `qformer_tokenizer`.
+  the Q-Former, tokenised with `qformer_tokenizer`. `chat_template`: the LLM reads each prompt as a
+  user turn of its tokenizer's chat template (`processing.chat_prompt`; instruction-tuned LLMs).
 
   Generation options are `generate`'s; the defaults are LAVIS's COCO caption evaluation
   (`CAPTION_DEFAULTS`: num_beams=5, max_new_tokens=30, min_new_tokens=8; 7 for T5, see `task_defaults`). Images run in batches of
@@ -170,12 +172,13 @@ def caption(model, params, tokenizer, images, *, prompt: str | Sequence[str] | N
   prompts = [prompt] * n if isinstance(prompt, str) else list(prompt)
   return _generate_texts(model, params, tokenizer, images, prompts, batch_size=batch_size, progress=progress,
                          qformer_tokenizer=qformer_tokenizer, processor=processor, errors=errors,
-                         desc="captioning", options=dict(task_defaults(model, "caption"), **gen_options))
+                         desc="captioning", options=dict(task_defaults(model, "caption"), **gen_options),
+                         chat_template=chat_template)
 
 
 def answer(model, params, tokenizer, images, questions: str | Sequence[str], *, batch_size: int = 8,
            progress: bool = False, qformer_tokenizer=None, processor=None, prompt_template: str | None = None,
-           errors: list | None = None, **gen_options) -> list[str]:
+           errors: list | None = None, chat_template: bool = False, **gen_options) -> list[str]:
   """Zero-shot VQA: one answer string per (image, question) pair.
 
   images as in `caption` (one image is shared by all the questions); each question is wrapped in
@@ -199,4 +202,5 @@ def answer(model, params, tokenizer, images, questions: str | Sequence[str], *, 
              for q in questions]
   return _generate_texts(model, params, tokenizer, images, prompts, batch_size=batch_size, progress=progress,
                          qformer_tokenizer=qformer_tokenizer, processor=processor, errors=errors,
-                         desc="answering", options=dict(task_defaults(model, "vqa"), **gen_options))
+                         desc="answering", options=dict(task_defaults(model, "vqa"), **gen_options),
+                         chat_template=chat_template)

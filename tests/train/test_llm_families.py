@@ -60,3 +60,24 @@ def test_recipe_llm_choices():
   with pytest.raises(ValueError, match="LLM directory / Hub id"):
     stage2.get_config("llm=gpt2")
   assert os.path.basename(stage2.__file__) == "stage2.py"
+
+
+def test_chat_template_prompts():
+  """loss.chat_template: the instruction as a user turn of the tokenizer's chat template, one BOS, the
+  response right after the assistant turn's opening, the same prompt tokens inference feeds."""
+  from blip2_jax.data import processing
+  from blip2_jax.train import batches
+  tok = tiny.tiny_tokenizer("gemma2")
+  tok.add_tokens(["<start_of_turn>", "<end_of_turn>"], special_tokens=True)
+  tok.chat_template = ("{{ bos_token }}{% for m in messages %}<start_of_turn>user\n{{ m['content'] }}"
+                       "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+  p = processing.chat_prompt(tok, "what color is the cat")
+  assert p == "<start_of_turn>user\nwhat color is the cat<end_of_turn>\n<start_of_turn>model\n"
+  out = batches.prefix_lm_text(tok, "gemma2", [p], ["red"], 24, eos_token_id=(1, 106))
+  ids = [int(i) for i, m in zip(out["input_ids"][0], out["attention_mask"][0]) if m]
+  enc = processing.tokenize_prompts(tok, ["what color is the cat"], "gemma2", chat_template=True)
+  head = list(enc["input_ids"][0])
+  assert ids[:len(head)] == head and ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+  assert ids[len(head):] == [tok.convert_tokens_to_ids("red"), 1]  # the response, then the first stop id
+  assert list(out["labels"][0][len(head):len(ids)]) == ids[len(head):]
+  assert processing.chat_prompt(tiny.tiny_tokenizer("qwen2"), "hi") == "hi"  # no template: raw
