@@ -22,7 +22,7 @@ from blip2_jax.decoding import search, steps
 from blip2_jax.models import layers as L
 from blip2_jax.models import registry
 
-from bounds import assert_close
+from bounds import BF16_WEIGHTS_REL, assert_close  # noqa: F401 (BF16_WEIGHTS_REL: for the test files)
 
 VOCAB, T = 128, 11
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -43,6 +43,12 @@ def make_hf(model_cls: str, config_cls: str, gemma_norms: bool = False, **kw):
       else:
         p.normal_(0.0, p.shape[1] ** -0.5)
   return m
+
+
+def build(model_cls: str, config_cls: str, family: str, options: dict, path, **runtime):
+  """-> (HF model, our lm module, params): `make_hf` with `options`, then `load`."""
+  m = make_hf(model_cls, config_cls, gemma_norms=family.startswith("gemma"), **options)
+  return (m,) + load(m, path, family, **runtime)
 
 
 def load(m, path, family: str, **runtime):

@@ -268,14 +268,8 @@ class Qwen3Config(Qwen2Config):
 
   model_type: ClassVar[str] = "qwen3"
   hf_class: ClassVar[str] = "Qwen3Config"
-
-  @property
-  def qkv_bias(self) -> bool:
-    return self.attention_bias
-
-  @property
-  def o_bias(self) -> bool:
-    return self.attention_bias
+  qkv_bias = LlamaConfig.qkv_bias  # `attention_bias`, as LLaMA
+  o_bias = LlamaConfig.o_bias
 
   @property
   def qk_norm(self) -> bool:

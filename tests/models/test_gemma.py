@@ -33,17 +33,17 @@ CASES = {  # name -> (model class, config class, options)
 FAMILY = {"Gemma2Config": "gemma2", "Gemma3TextConfig": "gemma3"}
 
 
-def _model(case, tmp_path, **runtime):
+def _model(case, tmp_path):
   model_cls, cfg_cls, kw = CASES[case]
-  m = P.make_hf(model_cls, cfg_cls, gemma_norms=True, **kw)
-  return (m,) + P.load(m, tmp_path, FAMILY[cfg_cls], **runtime)
+  return P.build(model_cls, cfg_cls, FAMILY[cfg_cls], kw, tmp_path)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_hf(case, tmp_path):
   m, lm, params = _model(case, tmp_path)
-  # measured max abs diff (logits up to ~2-4): gemma2 2.5e-6, gemma2_no_caps_untied 3.8e-6,
-  # gemma3 2.4e-6, gemma3_pattern6_attn_cap 2.9e-6
+  assert lm.config.norm_offset == 1.0 and lm.config.embed_scale == 8.0
+  # measured max abs diff: gemma2 2.7e-6, gemma2_no_caps_untied 2.0e-6, gemma3 1.5e-6,
+  # gemma3_pattern6_attn_cap 3.6e-6 (logits up to 2 with the final caps, 3.5-4.2 without)
   P.check_logits(m, lm, params)
 
 
@@ -56,12 +56,25 @@ def test_embeddings_are_scaled_as_hf(tmp_path):
   np.testing.assert_array_equal(np.asarray(got), ref)  # sqrt(64) = 8: exact
 
 
+def test_bfloat16(tmp_path):
+  """bf16 weights and compute against float32 torch."""
+  model_cls, cfg_cls, kw = CASES["gemma2"]
+  m = P.make_hf(model_cls, cfg_cls, gemma_norms=True, **kw)
+  lm, params = P.load(m, tmp_path, "gemma2", dtype="bfloat16", param_dtype="bfloat16")
+  ids, mask = P.batch()
+  with torch.no_grad():
+    ref = m(input_ids=ids, attention_mask=mask).logits.numpy()
+  keep = mask.numpy().astype(bool)
+  # measured 0.049 against float32 torch (soft-capped logits up to 2)
+  P.assert_close(P.logits(lm, params, ids, mask)[keep], ref[keep], "bf16 logits", rel=P.BF16_WEIGHTS_REL)
+
+
 @pytest.mark.parametrize("case", ["gemma2", "gemma3"])
 def test_generation_scan_and_strict_loading(case, tmp_path):
   m, lm, params = _model(case, tmp_path)
   assert lm.config.windows == (4, None, 4)
-  P.check_generation(m, lm, params)  # step logits vs HF output_logits, measured 1.4e-6 / 1.2e-6
-  P.check_scan(lm, params, tmp_path)  # mixed local / global layers: measured 9.5e-7 / 1.2e-6
+  P.check_generation(m, lm, params)  # step logits vs HF output_logits, measured 1.5e-6 / 1.7e-6
+  P.check_scan(lm, params, tmp_path)  # mixed local / global layers (kinds scanned): measured 0 / 0
   P.check_strict_loading(m, lm, params, "model.layers.2.pre_feedforward_layernorm.weight",
                          "model.layers.1.post_feedforward_layernorm.weight")
 
