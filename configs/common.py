@@ -40,6 +40,32 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+# LLM families a recipe's `llm=` may name without a released BLIP-2 (no preset shapes): the weights
+# come from `model.language_model` (a directory or Hub id), or random with `tiny`.
+LLM_FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3")
+
+
+def pick_llm(c: ml_collections.ConfigDict, llm: str, llms: dict, presets: dict, batch: int) -> int:
+  """Sets model.family / preset / language_model from a recipe's `llm=` and returns its batch size.
+
+  `llm`: a key of `llms` (a released BLIP-2's LLM: its family, batch and preset shapes), an LLM
+  family of LLM_FAMILIES (weights from `--config.model.language_model`, or random with `tiny`), or
+  an LLM directory / Hub id ("Qwen/Qwen2.5-7B-Instruct": model.language_model, the family read from
+  its config.json when the run starts). The last two train with `batch` and have no preset: the
+  ahead-of-time compile needs model.hf_config for them."""
+  if llm in llms:
+    family, batch = llms[llm]
+    c.model.family, c.model.preset = family, presets[llm]
+  elif llm in LLM_FAMILIES:
+    c.model.family = llm
+  elif "/" in llm:
+    c.model.language_model = llm
+  else:
+    raise ValueError(f"llm={llm!r}: choose one of {sorted(llms)}, a family of {list(LLM_FAMILIES)}, or an "
+                     "LLM directory / Hub id (e.g. llm=Qwen/Qwen2.5-7B-Instruct)")
+  return batch
+
+
 def base(task: str) -> ml_collections.ConfigDict:
   """Fields every recipe has; recipes overwrite what differs."""
   c = ml_collections.ConfigDict()
@@ -49,10 +75,10 @@ def base(task: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.init = "towers"           # towers | pretrained | random
   c.model.architecture = "Blip2ForConditionalGeneration"
-  c.model.family = ""               # opt | t5 | llama (models with an LLM)
+  c.model.family = ""               # opt | t5 | llama | qwen2 | qwen3 | mistral | gemma2 | gemma3 ("": read from the LLM)
   c.model.vision = ""               # HF BLIP-2 (or Blip2VisionModel) directory: the ViT
   c.model.qformer_bert = ""         # HF BERT directory: the Q-Former's initialisation
-  c.model.language_model = ""       # HF OPT / T5 / LLaMA directory
+  c.model.language_model = ""       # HF LLM directory or Hub id (any family of models/registry.py)
   c.model.pretrained = ""           # a blip2-jax / HF BLIP-2 directory (fine-tuning, stage 2 from stage 1)
   c.model.hf_config = ml_collections.ConfigDict()  # random init: transformers Blip2Config kwargs
   c.model.preset = ""               # the released model's shapes (blip2_jax.models.presets), for `python -m blip2_jax.aot`
@@ -87,6 +113,9 @@ def base(task: str) -> ml_collections.ConfigDict:
   # as given: with a trailing space ("a photo of ") that is also the caption's first token (byte-level
   # BPE); "exact" masks the prompt's own tokens only. Equal for prompts without one ("a photo of").
   c.loss.prompt_mask = "lavis"
+  # VQA / instruction prompts as a user turn of the LLM tokenizer's chat template (instruction-tuned
+  # LLMs such as Qwen2.5-Instruct or Gemma IT; evaluation uses it too); False: raw, as BLIP-2 / InstructBLIP
+  c.loss.chat_template = False
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "annotations"     # annotations | array_record | tfds | shapes

@@ -14,12 +14,8 @@ PRESETS = {"flant5xl": "instructblip-flan-t5-xl", "flant5xxl": "instructblip-fla
 
 def get_config(arg=None):
   a = common.parse_arg(arg, llm="vicuna7b", tiny=False)
-  if a.llm not in LLMS:
-    raise ValueError(f"llm={a.llm!r}: choose one of {sorted(LLMS)}")
-  family, batch = LLMS[a.llm]
   c = common.base("instruct")
-  c.model.family = family
-  c.model.preset = PRESETS[a.llm]
+  batch = common.pick_llm(c, a.llm, LLMS, PRESETS, batch=128)
   c.model.architecture = "InstructBlipForConditionalGeneration"
   c.model.init = "pretrained"
   c.total_steps = 60_000
@@ -30,5 +26,5 @@ def get_config(arg=None):
   c.data.max_txt_len = 128
   c.optim.update(lr=1e-5, min_lr=0.0, warmup_steps=1000, b2=0.999)
   if a.tiny:
-    common.tiny(c, family)
+    common.tiny(c, c.model.family)
   return c

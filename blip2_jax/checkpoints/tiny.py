@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-FAMILIES = ("opt", "t5", "llama")
+FAMILIES = ("opt", "t5", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")
 ARCHS = ("Blip2ForConditionalGeneration", "Blip2Model", "Blip2ForImageTextRetrieval",
          "Blip2VisionModelWithProjection", "Blip2TextModelWithProjection",
          "InstructBlipForConditionalGeneration")
@@ -36,7 +36,30 @@ def tiny_text_config(family: str, **overrides):
               initializer_range=0.15)
     kw.update(overrides)
     return transformers.LlamaConfig(**kw)
+  if family in LLAMA_LIKE:
+    # 4 query slots + a prompt: windows of 5 / 6 are shorter than what the layers see
+    cls, own = LLAMA_LIKE[family]
+    kw = dict(hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2, initializer_range=0.15)
+    kw.update(own, **overrides)
+    return getattr(transformers, cls)(**kw)
   raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+_GEMMA = dict(head_dim=12, query_pre_attn_scalar=16, sliding_window=5, pad_token_id=0, eos_token_id=1,
+              bos_token_id=2, final_logit_softcapping=3.0, tie_word_embeddings=True)
+# family -> (transformers config class, what the tiny model sets beyond the common fields)
+LLAMA_LIKE = {
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                  tie_word_embeddings=True, bos_token_id=None)),
+    "qwen3": ("Qwen3Config", dict(head_dim=12, tie_word_embeddings=True, bos_token_id=None)),
+    "mistral": ("MistralConfig", dict(head_dim=12, sliding_window=6, tie_word_embeddings=False)),
+    "gemma2": ("Gemma2Config", dict(_GEMMA, attn_logit_softcapping=2.0)),
+    "gemma3": ("Gemma3TextConfig", dict(_GEMMA, sliding_window_pattern=2, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+}
 
 
 def tiny_blip2_config(family: str | None = "opt", *, instruct: bool = False, num_query_tokens: int = 4,
@@ -194,14 +217,21 @@ def _word_tokenizer(vocab_size: int, specials: dict, template: str | None, **tok
 
 def tiny_tokenizer(family: str | None):
   """Word-level tokenizers with the special-token layout of each family (ids as the tiny configs):
-  OPT (pad 1, bos = eos 2, BOS prepended), LLaMA (pad 0, bos 1, eos 2, BOS prepended), T5 (pad 0,
+  OPT (pad 1, bos = eos 2, BOS prepended), LLaMA / Mistral (pad 0, bos 1, eos 2, BOS prepended),
+  Qwen2 / 3 (pad 0, eos 2, no BOS), Gemma 2 / 3 (pad 0, eos 1, bos 2, BOS prepended), T5 (pad 0,
   eos 1 appended), and a BERT-style one for the Q-Former ([PAD] 0 ... [CLS] text [SEP])."""
   if family == "opt":
     return _word_tokenizer(VOCAB, {"<pad>": 1, "</s>": 2, "<unk>": 3, "<image>": VOCAB - 1}, "</s> $A",
                            pad_token="<pad>", bos_token="</s>", eos_token="</s>", unk_token="<unk>")
-  if family == "llama":
+  if family in ("llama", "mistral"):
     return _word_tokenizer(VOCAB, {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": VOCAB - 1},
                            "<s> $A", pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+  if family in ("qwen2", "qwen3"):  # Qwen's tokenizer adds no BOS
+    return _word_tokenizer(VOCAB, {"<|pad|>": 0, "<|endoftext|>": 2, "<unk>": 3, "<image>": VOCAB - 1},
+                           None, pad_token="<|pad|>", eos_token="<|endoftext|>", unk_token="<unk>")
+  if family in ("gemma2", "gemma3"):
+    return _word_tokenizer(VOCAB, {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<image>": VOCAB - 1},
+                           "<bos> $A", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
   if family == "t5":
     return _word_tokenizer(VOCAB, {"<pad>": 0, "</s>": 1, "<unk>": 2, "<image>": VOCAB - 1}, "$A </s>",
                            pad_token="<pad>", eos_token="</s>", unk_token="<unk>")

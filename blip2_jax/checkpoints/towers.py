@@ -10,7 +10,10 @@ Sources (HF `save_pretrained` directories, or `.bin` / safetensors files where n
   qformer_bert    a BERT directory (BertModel / BertForMaskedLM / BertForPreTraining, with or
                   without `bert.`): `bert.from_bert_state_dict` (query FFN = copy of the text
                   FFN, fresh cross-attention, vocab grown by `[DEC]`).
-  language_model  OPTForCausalLM / T5ForConditionalGeneration / LlamaForCausalLM.
+  language_model  OPTForCausalLM / T5ForConditionalGeneration / LlamaForCausalLM /
+                  Qwen2ForCausalLM / Qwen3ForCausalLM / MistralForCausalLM / Gemma2ForCausalLM /
+                  Gemma3ForCausalLM, or a Gemma 3 composite (Gemma3ForConditionalGeneration: its
+                  text model, `language_model.model.*`; the vision tower is left out).
 Each may also be a Hugging Face Hub id ("google-bert/bert-base-uncased"), resolved to its cached
 snapshot (blip2_jax.core.hub). Everything else (query tokens N(0, initializer_range), language / vision /
 text projections, itm_head, and any tower not given) is freshly initialised by `build(config).init`
@@ -38,10 +41,11 @@ from blip2_jax.checkpoints import bert, io
 from blip2_jax.core import hub
 from blip2_jax.core import sharding as shd
 from blip2_jax.core.naming import expand, prefixed
-from blip2_jax.models import blip2, qformer, registry, vit
+from blip2_jax.models import blip2, gemma, qformer, registry, vit
 from blip2_jax.models import layers as L
 
-_TEXT_TYPES = {"opt": "opt", "t5": "t5", "mt5": "t5", "llama": "llama"}
+_TEXT_TYPES = tuple(t for f in registry.FAMILIES.values() for t in f.model_types)
+GEMMA3_COMPOSITE = "gemma3"  # model_type of Gemma3ForConditionalGeneration
 
 
 # ----------------------------------------------------------------------------------------
@@ -79,14 +83,14 @@ def _auto_config(path: str, what: str, allowed):
 
 
 def text_config_from_dir(llm_dir: str, **runtime):
-  """Our OPT / T5 / LLaMA config of an HF LLM directory (T5 head tying read from the weights)."""
+  """Our text config (any registry family) of an HF LLM directory or Hub id (T5 head tying read
+  from the weights)."""
   llm_dir = hub.resolve(llm_dir)
   hf = _auto_config(llm_dir, "language_model", _TEXT_TYPES)
-  family = _TEXT_TYPES[hf.model_type]
-  cls = registry.family(family).config_cls
-  if family == "t5":
-    return cls.from_hf(hf, tie_word_embeddings=not io.has_lm_head(llm_dir), **runtime)
-  return cls.from_hf(hf, **runtime)
+  family = registry.family_of_model_type(hf.model_type)
+  if family.name == "t5":
+    return family.config_cls.from_hf(hf, tie_word_embeddings=not io.has_lm_head(llm_dir), **runtime)
+  return family.config_cls.from_hf(hf, **runtime)
 
 
 def config_from_towers(vision_dir: str, bert_dir: str, llm_dir: str | None = None, *,
@@ -177,9 +181,14 @@ def _load_llm(path, config, abstract, mesh, axis_rules):
           f"{path}: the T5 checkpoint {'holds' if has else 'has no'} a separate lm_head.weight but "
           f"config.text.tie_word_embeddings is {config.text.tie_word_embeddings}; derive the config "
           "with config_from_towers / text_config_from_dir")
+  rules, ignore = fam.hf_rules(config.text), fam.hf_ignore(config.text)
+  if _read_json(path, "language_model").get("model_type") == GEMMA3_COMPOSITE:
+    layout = gemma.composite_layout(reader.keys())
+    rules = gemma.composite_hf_rules(config.text, layout)
+    ignore = gemma.composite_hf_ignore(config.text, layout)
   try:
-    params = io.load_params(reader, fam.hf_rules(config.text), abstract, mesh=mesh,
-                            axis_rules=axis_rules, ignore=fam.hf_ignore(config.text), name=path)
+    params = io.load_params(reader, rules, abstract, mesh=mesh, axis_rules=axis_rules,
+                            ignore=ignore, name=path)
   except io.CheckpointError as e:
     raise io.CheckpointError(f"language_model tower does not fit config.text:\n{e}") from None
   return params, [f"language_model.* ({len(reader.keys())} tensors) <- {path}"]

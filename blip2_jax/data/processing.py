@@ -16,8 +16,9 @@ int as HF does), then the centred `size` window; `tests/models/test_clip.py` che
 
 Text: `load_tokenizer(dir)` (transformers `AutoTokenizer` from the checkpoint directory, never the
 hub), the prompts of the paper / LAVIS (`CAPTION_PROMPT`, `vqa_prompt`), and `tokenize_prompts`,
-which pads on the left for the decoder-only LLMs (OPT, LLaMA: generation continues from the last
-position of every row) and on the right for T5 (the encoder is bidirectional and masked).
+which pads on the left for the decoder-only LLMs (OPT, LLaMA, Qwen2 / 3, Mistral, Gemma 2 / 3:
+generation continues from the last position of every row) and on the right for T5 (the encoder is
+bidirectional and masked).
 """
 from __future__ import annotations
 
@@ -29,16 +30,18 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from blip2_jax.core import hub
+from blip2_jax.models import registry
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, HF's PILImageResampling.BICUBIC
 
-FAMILIES = ("opt", "t5", "llama")
-DECODER_ONLY = ("opt", "llama")
+FAMILIES = tuple(registry.FAMILIES)
+DECODER_ONLY = tuple(n for n, f in registry.FAMILIES.items() if not f.encoder_decoder)
 
 CAPTION_PROMPT = "a photo of"
-VQA_TEMPLATES = {"opt": "Question: {} Answer:", "llama": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
+# BLIP-2's zero-shot VQA prompts: FlanT5's, and OPT's for every decoder-only LLM
+VQA_TEMPLATES = {f: "Question: {} Short answer:" if f == "t5" else "Question: {} Answer:" for f in FAMILIES}
 
 
 class ImageLoadError(ValueError):
@@ -360,42 +363,58 @@ def _check_family(family: str) -> str:
 
 
 def family_of(config: dict | str | os.PathLike) -> str:
-  """'opt' / 't5' / 'llama' from a BLIP-2 config dict or checkpoint directory (text_config.model_type)."""
+  """The LLM family ('opt', 't5', 'llama', 'qwen2', ...) of a BLIP-2 config dict or checkpoint
+  directory (text_config.model_type)."""
   if not isinstance(config, dict):
     with open(os.path.join(os.fspath(config), "config.json")) as f:
       config = json.load(f)
   mt = (config.get("text_config") or {}).get("model_type")
-  fam = {"opt": "opt", "t5": "t5", "mt5": "t5", "llama": "llama"}.get(mt)
-  if fam is None:
-    raise ValueError(f"config has text_config.model_type {mt!r}; expected opt, t5 or llama")
-  return fam
+  return registry.family_of_model_type(mt).name
 
 
 def vqa_prompt(question: str, family: str) -> str:
-  """'Question: {q} Answer:' (OPT, LLaMA) or 'Question: {q} Short answer:' (FlanT5), as BLIP-2 zero-shot VQA."""
+  """'Question: {q} Answer:' (decoder-only LLMs) or 'Question: {q} Short answer:' (FlanT5), as BLIP-2
+  zero-shot VQA."""
   return VQA_TEMPLATES[_check_family(family)].format(question.strip())
 
 
 def padding_side(family: str) -> str:
-  """'left' for decoder-only LLMs (OPT, LLaMA), 'right' for T5."""
+  """'left' for decoder-only LLMs, 'right' for T5."""
   return "left" if _check_family(family) in DECODER_ONLY else "right"
 
 
+def chat_prompt(tokenizer, text: str) -> str:
+  """`text` as one user turn of the tokenizer's chat template, ending with the assistant's turn
+  opening (`add_generation_prompt`), for instruction-tuned LLMs (Qwen2.5-Instruct, Gemma IT, ...);
+  `text` unchanged when the tokenizer has no chat template. A BOS the template writes is dropped:
+  tokenising with special tokens adds it back, once."""
+  if not getattr(tokenizer, "chat_template", None):
+    return text
+  out = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                      add_generation_prompt=True)
+  bos = tokenizer.bos_token
+  return out[len(bos):] if bos and out.startswith(bos) else out
+
+
 def tokenize_prompts(tokenizer, prompts: str | Iterable[str], family: str, *, max_length: int | None = None,
-                     pad_to: int | None = None, dtype=np.int32) -> dict[str, np.ndarray]:
-  """Tokenises a batch of prompts with the tokenizer's special tokens (OPT / LLaMA BOS, T5 EOS) and
-  pads them: on the LEFT for OPT / LLaMA, on the RIGHT for T5.
+                     pad_to: int | None = None, dtype=np.int32, chat_template: bool = False) -> dict[str, np.ndarray]:
+  """Tokenises a batch of prompts with the tokenizer's special tokens (the decoder-only LLMs' BOS
+  where their tokenizer adds one, T5's EOS) and pads them: on the LEFT for the decoder-only LLMs,
+  on the RIGHT for T5.
 
   Returns {"input_ids", "attention_mask"}: numpy (B, T) `dtype`, T the longest row (or `pad_to`,
   which must be at least that). `max_length` truncates each row to that many tokens: from the left
   for decoder-only models (keeping the end of the prompt, where generation continues), from the
   right for T5. The pad id is the tokenizer's pad token (else its EOS, else 0); padded positions
-  have mask 0, so their id never matters. The tokenizer itself is not modified.
+  have mask 0, so their id never matters. The tokenizer itself is not modified. `chat_template`:
+  each prompt goes through `chat_prompt` first.
   """
   fam = _check_family(family)
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   if not prompts:
     raise ValueError("no prompts given")
+  if chat_template:
+    prompts = [chat_prompt(tokenizer, p) for p in prompts]
   rows = tokenizer(prompts, add_special_tokens=True, padding=False, truncation=False)["input_ids"]
   left = fam in DECODER_ONLY
   if max_length is not None:

@@ -9,7 +9,9 @@
                                                                     max_new_tokens=20)
   step_fn(state, tokens (N,), step) -> (logits (N, V) float32, new state)
 
-Decoder-only LLMs (OPT, LLaMA): HF's input_ids are the processor's `[pad...; <image> * Q; prompt]`
+`lm_prefill` does the same for a decoder-only LLM alone (text in, text out).
+
+Decoder-only LLMs (OPT, LLaMA, Qwen2 / 3, Mistral, Gemma 2 / 3): HF's input_ids are the processor's `[pad...; <image> * Q; prompt]`
 (left padding) or `[<image> * Q; prompt; pad...]` (right padding): the image tokens come right
 before the first real token. Our `input_ids` hold text only, so the same layout is built here
 with the projected queries in the image slots (no prompt: `[<image> * Q; bos]`, as HF).
@@ -101,7 +103,7 @@ def prefill(model, params, pixel_values, input_ids=None, attention_mask=None, *,
   if attention_mask is None:
     attention_mask = jnp.ones(input_ids.shape, jnp.int32)
   image_token = cfg.image_token_index if cfg.image_token_index is not None else -1
-  lm_call = lambda fn: (lambda m, *a, **k: fn(m.language_model, *a, **k))
+  lm_call = _lm_call(model)
   text_embeds = model.apply(variables, input_ids, method=lm_call(lambda lm, i: lm.embed_tokens(i)))
   if input_ids.shape[1]:
     embeds, ids, mask = insert_queries(queries, text_embeds, input_ids, attention_mask, image_token)
@@ -111,22 +113,48 @@ def prefill(model, params, pixel_values, input_ids=None, attention_mask=None, *,
 
   if cfg.is_encoder_decoder:
     return _prefill_t5(model, variables, lm_call, embeds, mask, max_new_tokens)
+  first, state, step_fn = _prefill_decoder(model, params, embeds, mask, max_new_tokens)
+  return first, state, step_fn, ids, mask
 
-  p = embeds.shape[1]
+
+def lm_prefill(lm, params, input_ids, attention_mask=None, *, max_new_tokens: int):
+  """`prefill` for a decoder-only language model alone (`causal_lm.CausalLM`, any family): HF
+  `generate` on `input_ids` (B, T), left-padded by `attention_mask` (None: no padding), with the
+  same positions, masks and cache. -> (first_logits, state, step_fn, input_ids, attention_mask)."""
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+  embeds = lm.apply({"params": params}, input_ids, method=lambda m, i: m.embed_tokens(i))
+  first, state, step_fn = _prefill_decoder(lm, params, embeds, mask, max_new_tokens)
+  return first, state, step_fn, input_ids, mask
+
+
+def _text_config(model):
+  return model.config if isinstance(model, causal_lm.CausalLM) else model.config.text
+
+
+def _lm_call(model):
+  """fn(language model, ...) -> an `apply` method of `model`: a BLIP-2 composite's
+  `language_model`, or a decoder-only LLM itself."""
+  if isinstance(model, causal_lm.CausalLM):
+    return lambda fn: (lambda m, *a, **k: fn(m, *a, **k))
+  return lambda fn: (lambda m, *a, **k: fn(m.language_model, *a, **k))
+
+
+def _prefill_decoder(model, params, embeds, mask, max_new_tokens):
+  """The decoder-only LLM's prefill over (B, P) input embeddings -> (first logits, state, step_fn)."""
+  text_cfg = _text_config(model)
+  b, p = mask.shape
   full_mask = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), jnp.int32)], axis=1)
   positions = causal_lm.generation_position_ids(mask)
   cache = registry.family(text_cfg).init_cache(text_cfg, b, p + max_new_tokens)
-  out = model.apply(variables, method=lm_call(lambda lm: lm(
+  out = model.apply({"params": params}, method=_lm_call(model)(lambda lm: lm(
       inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, cache=cache,
       cache_index=0)))
   state = {"cache": to_batch_major(out["cache"]), "mask": full_mask,
            "position": positions[:, -1] + 1,  # HF: position_ids[..., -1:] + 1 per new token
            "index": jnp.full((b,), p, jnp.int32)}
-
   step_fn = make_step_fn(model, params, shared_prefix=p)
-  return out["logits"][:, -1].astype(jnp.float32), state, step_fn, ids, mask
-
-
+  return out["logits"][:, -1].astype(jnp.float32), state, step_fn
 
 
 def _prefill_t5(model, variables, lm_call, embeds, mask, max_new_tokens):
@@ -167,7 +195,7 @@ def reorder_cache(state, beam_idx, shared_prefix: int = 0):
 
 
 def make_step_fn(model, params, *, shared_prefix: int = 0) -> StepFn:
-  """The step function `prefill` returns, on its own: it depends only on the model and its
+  """The step function `prefill` (or `lm_prefill`: `model` an LLM alone) returns, on its own: it depends only on the model and its
   params, so a caller may jit the prefill and the steps separately. Its `reorder(state,
   beam_idx)` attribute is the beam search's cache reorder (`reorder_cache` with
   `shared_prefix`, the number of leading cache slots that every beam of an input shares)."""
@@ -178,9 +206,9 @@ def make_step_fn(model, params, *, shared_prefix: int = 0) -> StepFn:
 
 def _make_step_fn(model, params) -> StepFn:
   variables = {"params": params}
-  lm_call = lambda fn: (lambda m, *a, **k: fn(m.language_model, *a, **k))
+  lm_call = _lm_call(model)
 
-  if model.config.is_encoder_decoder:
+  if registry.family(_text_config(model)).encoder_decoder:
     def step_fn(state, tokens, step=None):
       del step  # the state carries its cache slot
       o = model.apply(variables, method=lm_call(lambda lm: lm.decode(

@@ -48,12 +48,14 @@ def vqa_prompts(model, questions: Sequence[str], prompt_template: str | None = N
   return [prompt_template.format(q.strip()) if prompt_template else processing.vqa_prompt(q, fam) for q in questions]
 
 
-def _checked_prompts(cfg, tokenizer, prompts: list[str], qformer_tokenizer, options: dict):
+def _checked_prompts(cfg, tokenizer, prompts: list[str], qformer_tokenizer, options: dict,
+                     chat_template: bool = False):
   """Tokenised prompts (padded to the longest: one compile for every batch) -> (ids, mask, Q-Former ids
   or None, its mask or None), after the checks `generate` makes, so that they fail before any image is
-  read: the options (`search.check_options`) and the positions (`check_context`)."""
+  read: the options (`search.check_options`) and the positions (`check_context`). The LLM reads the
+  prompts in its chat template if asked; InstructBLIP's Q-Former reads them raw."""
   search.check_options(**options)
-  enc = processing.tokenize_prompts(tokenizer, prompts, cfg.family)
+  enc = processing.tokenize_prompts(tokenizer, prompts, cfg.family, chat_template=chat_template)
   ids, mask = enc["input_ids"], enc["attention_mask"]
   qids = qmask = None
   if cfg.instruct:
@@ -68,14 +70,14 @@ def _checked_prompts(cfg, tokenizer, prompts: list[str], qformer_tokenizer, opti
 
 
 def check_generation(model, tokenizer, prompts: Sequence[str], task: str, *, qformer_tokenizer=None,
-                     **gen_options) -> dict:
+                     chat_template: bool = False, **gen_options) -> dict:
   """What `caption` (task "caption") / `answer` ("vqa") would refuse for these prompts and options, checked
   without weights or images (`model` may be a Blip2Config): ValueError naming the problem (min_new_tokens
   above max_new_tokens, a non-finite float, queries + prompt + new tokens past the LLM's positions).
   Returns the options generation will use. The command lines call it before the weights load."""
   cfg = _config(model)
   options = search.with_defaults(task_defaults(cfg, task), gen_options)
-  _checked_prompts(cfg, tokenizer, list(prompts), qformer_tokenizer, options)
+  _checked_prompts(cfg, tokenizer, list(prompts), qformer_tokenizer, options, chat_template)
   return options
 
 
@@ -117,14 +119,14 @@ def _image_list(images):
 
 
 def _generate_texts(model, params, tokenizer, images, prompts: list[str], *, batch_size: int,
-                    progress: bool, qformer_tokenizer, processor, errors, desc: str, options: dict
-                    ) -> list[str | None]:
+                    progress: bool, qformer_tokenizer, processor, errors, desc: str, options: dict,
+                    chat_template: bool = False) -> list[str | None]:
   pre, raw = _image_list(images)
   n = len(pre) if pre is not None else len(raw)
   if len(prompts) != n:
     raise ValueError(f"{len(prompts)} prompts for {n} images")
   cfg = model.config
-  ids, mask, qids, qmask = _checked_prompts(cfg, tokenizer, prompts, qformer_tokenizer, options)
+  ids, mask, qids, qmask = _checked_prompts(cfg, tokenizer, prompts, qformer_tokenizer, options, chat_template)
 
   def run(px, s, e):
     kw = {}
@@ -180,7 +182,7 @@ def _batched_texts(run, tokenizer, images, image_size, *, batch_size, progress, 
 
 def caption(model, params, tokenizer, images, *, prompt: str | Sequence[str] | None = None, batch_size: int = 8,
             progress: bool = False, qformer_tokenizer=None, processor=None, errors: list | None = None,
-            qformer_lm_head=None, **gen_options) -> list[str]:
+            qformer_lm_head=None, chat_template: bool = False, **gen_options) -> list[str]:
   """Captions images with a BLIP-2 / InstructBLIP checkpoint; returns one stripped string per image.
 
   images: a list of paths / PIL images / uint8 (H, W[, C]) arrays (preprocessed here with `processor`,
@@ -188,7 +190,8 @@ def caption(model, params, tokenizer, images, *, prompt: str | Sequence[str] | N
   already preprocessed float (N, H, W, 3) array. prompt: "a photo of" (`processing.CAPTION_PROMPT`,
   as LAVIS) when None; "" for none; or one prompt per image. The generated continuation (new tokens
   only, special tokens skipped) is returned, without the prompt. InstructBLIP: the prompt also enters
-  the Q-Former, tokenised with `qformer_tokenizer`.
+  the Q-Former, tokenised with `qformer_tokenizer`. `chat_template`: the LLM reads each prompt as a
+  user turn of its tokenizer's chat template (`processing.chat_prompt`; instruction-tuned LLMs).
 
   Generation options are `generate`'s; the defaults are LAVIS's COCO caption evaluation
   (`CAPTION_DEFAULTS`: num_beams=5, max_new_tokens=30, min_new_tokens=8; 7 for T5, see `task_defaults`;
@@ -213,12 +216,13 @@ def caption(model, params, tokenizer, images, *, prompt: str | Sequence[str] | N
   images = pre if pre is not None else raw
   return _generate_texts(model, params, tokenizer, images, caption_prompts(n, prompt), batch_size=batch_size,
                          progress=progress, qformer_tokenizer=qformer_tokenizer, processor=processor, errors=errors,
-                         desc="captioning", options=search.with_defaults(task_defaults(model, "caption"), gen_options))
+                         desc="captioning", options=search.with_defaults(task_defaults(model, "caption"), gen_options),
+                         chat_template=chat_template)
 
 
 def answer(model, params, tokenizer, images, questions: str | Sequence[str], *, batch_size: int = 8,
            progress: bool = False, qformer_tokenizer=None, processor=None, prompt_template: str | None = None,
-           errors: list | None = None, **gen_options) -> list[str]:
+           errors: list | None = None, chat_template: bool = False, **gen_options) -> list[str]:
   """Zero-shot VQA: one answer string per (image, question) pair.
 
   images as in `caption` (one image is shared by all the questions); each question is wrapped in
@@ -240,4 +244,5 @@ def answer(model, params, tokenizer, images, questions: str | Sequence[str], *, 
   return _generate_texts(model, params, tokenizer, images, vqa_prompts(model, questions, prompt_template),
                          batch_size=batch_size, progress=progress, qformer_tokenizer=qformer_tokenizer,
                          processor=processor, errors=errors, desc="answering",
-                         options=search.with_defaults(task_defaults(model, "vqa"), gen_options))
+                         options=search.with_defaults(task_defaults(model, "vqa"), gen_options),
+                         chat_template=chat_template)

@@ -31,15 +31,18 @@ def _generate_fn(model, opts: tuple):
 def position_limit(config) -> tuple[int | None, str]:
   """(the most token positions the LLM of `config` (a Blip2Config or a model) takes, what sets it), or
   (None, why there is none). OPT: `max_position_embeddings`, a learned table (HF adds an offset of 2)
-  that has no row beyond it: a longer sequence reads past the table. LLaMA: `max_position_embeddings`,
-  the length its rotary positions were trained to (HF's config states it; beyond it the model runs but
-  is out of its training range). T5: relative position buckets, defined at any distance (every
+  that has no row beyond it: a longer sequence reads past the table. LLaMA and the other rotary
+  families (Qwen2 / 3, Mistral, Gemma 2 / 3): `max_position_embeddings`, the length their rotary
+  positions were trained to (HF's config states it; beyond it the model runs but is out of its
+  training range). T5: relative position buckets, defined at any distance (every
   distance past `relative_attention_max_distance` shares the last bucket), so no limit."""
   cfg = config if isinstance(config, blip2.Blip2Config) else config.config
   fam = registry.family(cfg.text).name
   if fam == "t5":
     return None, "T5's relative positions have no hard limit"
-  name, kind = {"opt": ("OPT", "learned"), "llama": ("LLaMA", "rotary, trained")}[fam]
+  names = {"opt": "OPT", "llama": "LLaMA", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral",
+           "gemma2": "Gemma 2", "gemma3": "Gemma 3"}
+  name, kind = names.get(fam, fam), "learned" if fam == "opt" else "rotary, trained"
   n = int(cfg.text.max_position_embeddings)
   return n, f"{name} language model has {n} positions (max_position_embeddings, {kind})"
 

@@ -1,8 +1,11 @@
-"""The decoder-only scaffold OPT and LLaMA share (HF `*ForCausalLM`).
+"""The decoder-only scaffold every decoder-only family shares (HF `*ForCausalLM`): OPT, LLaMA and
+the LLaMA-like families (Qwen2, Qwen3, Mistral, Gemma 2 / 3).
 
-token embedding -> layer stack (full, or cached decoding) -> final norm -> tied or untied head.
+token embedding -> layer stack (full, or cached decoding) -> final norm -> tied or untied head
+(soft-capped where the config has a `final_logit_softcapping`, Gemma).
 A family writes its layer, its decoder (embeddings, positions, norms; `model` here) and its
-config on top; the head, the input handling and the key/value cache plumbing live here.
+config on top; the head, the input handling, the masks (causal, padding, sliding windows) and the
+key/value cache plumbing live here.
 
 Key/value caches are head-major per layer and layer-leading for the stack:
 {"k", "v"}: (num_layers, batch, kv_heads, slots, head_dim) (see `layers.cache_update`).
@@ -32,38 +35,71 @@ def generation_position_ids(mask):
   return jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=1) - 1)
 
 
-def self_attention(q, k, v, bias, *, scale: float, config: L.Runtime, cache=None, cache_index=None):
+def self_attention(q, k, v, bias, *, scale: float, config: L.Runtime, cache=None, cache_index=None,
+                   logit_softcap: float | None = None):
   """Causal self-attention core on (B, T, N, H) queries and (B, T, K, H) keys/values (K divides N).
 
   Without `cache`: over the T positions, `bias` (causal + padding) -> (out, None). With `cache`
   ({"k", "v"}: (B, K, S, H)) the new keys/values go to slots cache_index.. and the queries attend
-  over all S slots (`bias` masks them) -> (out, new cache). out: (B, T, N, H)."""
+  over all S slots (`bias` masks them) -> (out, new cache). out: (B, T, N, H).
+  `logit_softcap`: Gemma 2's attention soft-capping (see layers.attention)."""
   if cache is None:
     return L.attention(q, k, v, bias=bias, scale=scale, implementation=config.attn_impl,
-                       dtype=config.jdtype), None
+                       dtype=config.jdtype, logit_softcap=logit_softcap), None
   k = L.cache_update(cache["k"], k, cache_index)
   v = L.cache_update(cache["v"], v, cache_index)
-  out = L.cached_attention(q, k, v, bias=bias, scale=scale, dtype=config.jdtype)
+  out = L.cached_attention(q, k, v, bias=bias, scale=scale, dtype=config.jdtype,
+                           logit_softcap=logit_softcap)
   return out, {"k": k, "v": v}
 
 
+def layer_kinds(windows) -> tuple[tuple[int, ...] | None, tuple]:
+  """-> (kinds, variants) of per-layer attention `windows` (None: global; an int: a sliding
+  window of that many positions): `variants` the distinct windows in order of appearance,
+  `kinds` each layer's index into them, or None when all layers are alike (no per-layer choice)."""
+  if windows is None:
+    return None, (None,)
+  variants = tuple(dict.fromkeys(windows))
+  if len(variants) == 1:
+    return None, variants
+  return tuple(variants.index(w) for w in windows), variants
+
+
+def for_kind(kind, *args):
+  """A layer's view of `run_layers`'s per-kind arguments: each tuple argument (one entry per
+  variant) becomes the entry of this layer's `kind`; other arguments pass as they are."""
+  if kind is None:
+    return args
+  return tuple(L.pick(a, kind) if isinstance(a, tuple) else a for a in args)
+
+
 def run_layers(module: nn.Module, layer_cls, layer_kwargs: dict, x, attention_mask, *layer_args,
-               cache=None, cache_index=None):
+               cache=None, cache_index=None, windows=None):
   """The decoder's stack of `config.num_hidden_layers` layers, called from `module`'s compact
   method: its parameters appear as `<module>/layers_{i}` (or `layers`, scanned), like HF.
 
   Each layer is called as layer(x, bias, *layer_args[, cache_index, its cache]). Without `cache`:
   `attention_mask` (B, T) or None, bias causal + padding. With `cache` (init_cache, S slots) the T
   inputs sit at slots cache_index..cache_index+T-1 and `attention_mask` (B, S) marks valid slots
-  (None: all). -> (x, new cache or None)."""
+  (None: all). -> (x, new cache or None).
+  `windows` (one per layer, see `layer_kinds`): sliding-window layers see only the last `window`
+  positions (slots), in the full pass and in cached decoding alike (the cache keeps every slot).
+  When layers differ, `bias` is a tuple (one per variant) and each layer gets `kind=`; it takes
+  its own with `for_kind` (as it does any per-variant tuple among `layer_args`)."""
   cfg = layer_kwargs["config"]
+  kinds, variants = layer_kinds(windows)
   stack = L.LayerStack(layer_cls, layer_kwargs, cfg.num_hidden_layers, scan=cfg.scan,
-                       remat=cfg.remat)
+                       remat=cfg.remat, kinds=kinds)
   nn.share_scope(module, stack)
   t = x.shape[1]
   if cache is None:
-    return stack(x, L.causal_padding_bias(attention_mask, t), *layer_args), None
-  bias = L.cached_causal_bias(attention_mask, t, cache["k"].shape[3], cache_index)
+    biases = tuple(L.causal_padding_bias(attention_mask, t, w) for w in variants)
+  else:
+    biases = tuple(L.cached_causal_bias(attention_mask, t, cache["k"].shape[3], cache_index, w)
+                   for w in variants)
+  bias = biases[0] if kinds is None else biases
+  if cache is None:
+    return stack(x, bias, *layer_args), None
   return stack(x, bias, *layer_args, cache_index, xs=cache)
 
 
@@ -100,6 +136,8 @@ class CausalLM(nn.Module):
     h, new_cache = self.model(inputs_embeds, attention_mask, position_ids,
                               deterministic=deterministic, cache=cache, cache_index=cache_index)
     logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+    # Gemma's final soft-capping; the other families' configs have no such field
+    logits = L.softcap(logits, getattr(self.config, "final_logit_softcapping", None))
     logits = L.constrain(logits, (L.BATCH, L.LENGTH, "activation_vocab"))
     out = {"logits": logits, "last_hidden_state": h}
     if cache is not None:

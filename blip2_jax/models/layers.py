@@ -171,6 +171,7 @@ class Embed(nn.Module):
   param_dtype: Dtype = jnp.float32
   init_std: float = 0.02
   axes: tuple[str, str] = ("vocab", "embed")
+  scale: float | None = None  # Gemma: rows times sqrt(hidden), in the table's dtype (as HF)
 
   def setup(self):
     self.embedding = param_with_axes(self, "embedding", normal_init(self.init_std),
@@ -178,7 +179,10 @@ class Embed(nn.Module):
                                      self.axes)
 
   def __call__(self, ids: Array) -> Array:
-    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+    x = jnp.take(self.embedding, ids, axis=0)
+    if self.scale is not None:
+      x = x * jnp.asarray(np.float32(self.scale), x.dtype)
+    return x.astype(self.dtype)
 
   def attend(self, x: Array) -> Array:
     return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
@@ -186,13 +190,15 @@ class Embed(nn.Module):
 
 class LayerNorm(nn.Module):
   """LayerNorm (or RMSNorm with rms=True) whose statistics are always float32.
-  use_scale=use_bias=False gives the parameter-free norm (OPT's elementwise_affine=False)."""
+  use_scale=use_bias=False gives the parameter-free norm (OPT's elementwise_affine=False).
+  scale_offset 1.0 is Gemma's RMSNorm: weight initialised at 0, output x_hat * (1 + weight) in float32."""
   eps: float = 1e-5
   rms: bool = False
   use_bias: bool = True
   use_scale: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  scale_offset: float = 0.0
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -210,6 +216,9 @@ class LayerNorm(nn.Module):
         y = y + param_with_axes(self, "bias", nn.initializers.zeros, (d,), self.param_dtype,
                                 ("norm",)).astype(jnp.float32)
       return y.astype(self.dtype)
+    if self.scale_offset:
+      scale = param_with_axes(self, "scale", nn.initializers.zeros, (d,), self.param_dtype, ("norm",))
+      return (xf * (self.scale_offset + scale.astype(jnp.float32))).astype(self.dtype)
     scale = param_with_axes(self, "scale", nn.initializers.ones, (d,), self.param_dtype, ("norm",))
     if self.rms:
       # HF T5/LLaMA cast the normalised value to the weight dtype before scaling.
@@ -230,19 +239,23 @@ def dense(cfg: Runtime, features: int, axes: Sequence[str | None], name: str | N
 
 
 def norm(cfg: Runtime, name: str | None = None, *, eps: float, rms: bool = False,
-         affine: bool = True) -> LayerNorm:
+         affine: bool = True, scale_offset: float = 0.0) -> LayerNorm:
   """LayerNorm (params `scale`, `bias`), or RMSNorm with rms=True (`scale` only), in the config's
-  dtypes; affine=False: no parameters (OPT's elementwise_affine=False)."""
+  dtypes; affine=False: no parameters (OPT's elementwise_affine=False); scale_offset 1.0: Gemma's
+  (1 + weight) RMSNorm."""
   return LayerNorm(eps=eps, rms=rms, use_scale=affine, use_bias=affine and not rms,
-                   dtype=cfg.jdtype, param_dtype=cfg.jparam_dtype, name=name)
+                   dtype=cfg.jdtype, param_dtype=cfg.jparam_dtype, scale_offset=scale_offset,
+                   name=name)
 
 
 def embed(cfg: Runtime, num_embeddings: int, features: int, name: str | None = None, *,
           axes: tuple[str | None, str | None] = ("vocab", "embed"),
-          init_std: float | None = None) -> Embed:
-  """An `Embed` table in the config's dtypes; init_std None: `cfg.weight_std`."""
+          init_std: float | None = None, scale: float | None = None) -> Embed:
+  """An `Embed` table in the config's dtypes; init_std None: `cfg.weight_std`; `scale` multiplies
+  the looked-up rows (not the tied head)."""
   return Embed(num_embeddings, features, dtype=cfg.jdtype, param_dtype=cfg.jparam_dtype,
-               init_std=cfg.weight_std if init_std is None else init_std, axes=axes, name=name)
+               init_std=cfg.weight_std if init_std is None else init_std, axes=axes, scale=scale,
+               name=name)
 
 
 # ----------------------------------------------------------------------------------------
@@ -296,10 +309,18 @@ def _full_bias(bias: Array) -> Array:
   return jnp.maximum(bias, jnp.finfo(jnp.float32).min / 2)
 
 
+def softcap(x: Array, cap: float | None) -> Array:
+  """Gemma's soft-capping, cap * tanh(x / cap), in x's dtype (None: x unchanged)."""
+  if cap is None:
+    return x
+  return jnp.tanh(x / jnp.asarray(cap, x.dtype)) * jnp.asarray(cap, x.dtype)
+
+
 def attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
               scale: float | None = None, is_causal: bool = False,
               implementation: str | None = None, dtype: Dtype = jnp.float32,
-              dropout_rate: float = 0.0, dropout_rng: Array | None = None) -> Array:
+              dropout_rate: float = 0.0, dropout_rng: Array | None = None,
+              logit_softcap: float | None = None) -> Array:
   """Multi-head attention core on (B, T, N, H) tensors; K may have fewer heads (GQA).
 
   `bias` is additive, broadcastable to (B, N, T, S), in float32 ((B, S) and (B, T, S) are
@@ -307,23 +328,28 @@ def attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
   implementation: None (let JAX choose), "xla" or "cudnn" (`jax.nn.dot_product_attention`);
   cuDNN has no float32 kernel, so float32 attention (the Q-Former, parity runs) uses "xla".
   With `dropout_rate > 0` and a `dropout_rng` (training), the probabilities are dropped as HF
-  does, on an explicit softmax path (the fused kernels have no dropout).
+  does, on an explicit softmax path (the fused kernels have no dropout). `logit_softcap` (Gemma 2:
+  cap * tanh(logits / cap) on the scaled logits, before the bias, as HF's eager attention) also
+  takes the explicit path: the fused kernels have no soft-capping.
   """
   q, k, v = (t.astype(dtype) for t in (q, k, v))
   if bias is not None:
     bias = _full_bias(bias)
-  if dropout_rate > 0.0 and dropout_rng is not None:
+  dropout = dropout_rate > 0.0 and dropout_rng is not None
+  if dropout or logit_softcap is not None:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if k.shape[2] != q.shape[2]:  # GQA: repeat the key/value heads
       k, v = (jnp.repeat(t, q.shape[2] // k.shape[2], axis=2) for t in (k, v))
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = softcap(logits, logit_softcap)
     if bias is not None:
       logits = logits + bias
     if is_causal:
       logits = logits + causal_bias(q.shape[1], k.shape[1])
     probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    if dropout:
+      keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+      probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bnts,bsnh->btnh", probs.astype(dtype), v).astype(dtype)
   if implementation == "cudnn" and jnp.dtype(dtype) == jnp.float32:
     implementation = "xla"
@@ -343,10 +369,22 @@ def causal_bias(t: int, s: int | None = None, offset: int = 0) -> Array:
   return mask_to_bias(allowed)[None, None]
 
 
-def cached_causal_bias(key_mask: Array | None, t: int, s: int, index) -> Array:
+def _causal_allowed(t: int, s: int, offset, window: int | None) -> Array:
+  """(T, S) booleans: query i (at slot i + offset) sees key slot j <= i + offset, and with a
+  sliding `window` only the last `window` slots, j > i + offset - window (HF's index-based
+  `sliding_window_overlay`: left padding counts as slots)."""
+  q, j = jnp.arange(t)[:, None] + offset, jnp.arange(s)[None, :]
+  allowed = j <= q
+  if window is not None:
+    allowed = allowed & (j > q - window)
+  return allowed
+
+
+def cached_causal_bias(key_mask: Array | None, t: int, s: int, index, window: int | None = None) -> Array:
   """(B|1, 1, T, S) bias for T queries written at cache slots index..index+T-1 of an S-slot
-  key/value cache: slot j is visible to query i if j <= index + i and key_mask[j] (B, S)."""
-  allowed = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + index)[None, None]
+  key/value cache: slot j is visible to query i if j <= index + i and key_mask[j] (B, S), and
+  with a sliding `window`, j > index + i - window."""
+  allowed = _causal_allowed(t, s, index, window)[None, None]
   if key_mask is not None:
     allowed = allowed & key_mask.astype(bool)[:, None, None, :]
   return mask_to_bias(allowed)
@@ -362,17 +400,19 @@ def cache_update(cache: Array, new: Array, index) -> Array:
 
 
 def cached_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
-                     scale: float | None = None, dtype: Dtype = jnp.float32) -> Array:
+                     scale: float | None = None, dtype: Dtype = jnp.float32,
+                     logit_softcap: float | None = None) -> Array:
   """`attention` of (B, T, N, H) queries over a head-major (B, K, S, H) key/value cache (K
   divides N: GQA), the same float32 logits and softmax as the XLA path of
-  `jax.nn.dot_product_attention`, without moving the cache. -> (B, T, N, H)."""
+  `jax.nn.dot_product_attention`, without moving the cache (`logit_softcap` as `attention`).
+  -> (B, T, N, H)."""
   q, k, v = (t.astype(dtype) for t in (q, k, v))
   b, t, n, h = q.shape
   kh = k.shape[1]
   scale = h ** -0.5 if scale is None else scale
   q = q.reshape(b, t, kh, n // kh, h)  # query head n = kv head n // G, group member n % G
   logits = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
-  logits = logits * jnp.asarray(scale, jnp.float32)
+  logits = softcap(logits * jnp.asarray(scale, jnp.float32), logit_softcap)
   if bias is not None:
     bias = _full_bias(bias)
     bias = (bias[:, :, None] if bias.shape[1] == 1
@@ -383,9 +423,10 @@ def cached_attention(q: Array, k: Array, v: Array, *, bias: Array | None = None,
   return out.reshape(b, t, n, h).astype(dtype)
 
 
-def causal_padding_bias(mask: Array | None, t: int) -> Array:
-  """(B|1, 1, T, T) additive bias: index-causal and, if `mask` (B, T) is given, key padding."""
-  allowed = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]
+def causal_padding_bias(mask: Array | None, t: int, window: int | None = None) -> Array:
+  """(B|1, 1, T, T) additive bias: index-causal (within the last `window` positions, if given)
+  and, if `mask` (B, T) is given, key padding."""
+  allowed = _causal_allowed(t, t, 0, window)[None, None]
   if mask is not None:
     allowed = allowed & mask.astype(bool)[:, None, None, :]
   return mask_to_bias(allowed)
@@ -416,12 +457,16 @@ class LayerStack(nn.Module):
   Each layer is called as `layer(x, *broadcast_args) -> x`. With `scan=True` the parameters
   have a leading "layers" axis under the name `layers`; unrolled, each layer is `layers_{i}`.
   `convert_params` turns one tree into the other.
+  `kinds` (one int per layer, e.g. local / global attention) gives every layer its own as a
+  keyword `kind=` (an int32 scalar, scanned along with the layers): a layer chooses between
+  variants of its arguments with `pick`, so one scanned body serves layers that differ.
   """
   layer_cls: Any
   layer_kwargs: dict
   num_layers: int
   scan: bool = False
   remat: str = "none"
+  kinds: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, x, *args, xs=None):
@@ -434,11 +479,20 @@ class LayerStack(nn.Module):
     policy = remat_policy(self.remat)
     if self.remat != "none":
       cls = nn.remat(cls, policy=policy, prevent_cse=not self.scan)
+    kinds = None
+    if self.kinds is not None:
+      if len(self.kinds) != self.num_layers:
+        raise ValueError(f"{len(self.kinds)} layer kinds for {self.num_layers} layers")
+      kinds = jnp.asarray(self.kinds, jnp.int32)
     if self.scan:
-      if xs is None:
-        body = lambda mdl, c, _: (mdl(c, *args), None)
+      if kinds is not None:
+        body = lambda mdl, c, kx: (mdl(c, *args, kind=kx[0]), None) if xs is None else mdl(
+            c, *args, kx[1], kind=kx[0])
+        xs_in = (kinds, xs)
+      elif xs is None:
+        body, xs_in = (lambda mdl, c, _: (mdl(c, *args), None)), xs
       else:
-        body = lambda mdl, c, xi: mdl(c, *args, xi)
+        body, xs_in = (lambda mdl, c, xi: mdl(c, *args, xi)), xs
       scanned = nn.scan(
           body,
           variable_axes={"params": 0},
@@ -446,19 +500,28 @@ class LayerStack(nn.Module):
           length=self.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x, ys = scanned(cls(**self.layer_kwargs, name="layers"), x, xs)
+      x, ys = scanned(cls(**self.layer_kwargs, name="layers"), x, xs_in)
       return x if xs is None else (x, ys)
     ys = []
     for i in range(self.num_layers):
       layer = cls(**self.layer_kwargs, name=f"layers_{i}")
+      kw = {} if kinds is None else {"kind": kinds[i]}
       if xs is None:
-        x = layer(x, *args)
+        x = layer(x, *args, **kw)
       else:
-        x, y = layer(x, *args, jax.tree_util.tree_map(lambda a: a[i], xs))
+        x, y = layer(x, *args, jax.tree_util.tree_map(lambda a: a[i], xs), **kw)
         ys.append(y)
     if xs is None:
       return x
     return x, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys)
+
+
+def pick(options: Sequence[Any], kind) -> Any:
+  """`options[kind]` for a layer's `kind` (see LayerStack.kinds; may be traced): the chosen
+  pytree, selected elementwise (exact), so scanned and unrolled stacks agree bit for bit."""
+  if len(options) == 1:
+    return options[0]
+  return jax.tree_util.tree_map(lambda *c: jax.lax.select_n(kind, *c), *options)
 
 
 _UNROLLED = re.compile(r"^layers_(\d+)$")

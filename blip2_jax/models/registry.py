@@ -1,7 +1,7 @@
 """What the package can build: the LLM families and the HF architectures, with their capabilities.
 
-Families (`FAMILIES`): opt, t5, llama, each its config class, language-model module, name-table
-functions, cache init and whether it is encoder-decoder.
+Families (`FAMILIES`): opt, t5, llama, qwen2, qwen3, mistral, gemma2, gemma3, each its config
+class, language-model module, name-table functions, cache init and whether it is encoder-decoder.
 Architectures (`ARCHITECTURES`): every HF BLIP-2 / InstructBLIP class name, BLIP's captioner and
 filter and CLIPModel, the composite of `blip2` (or `blip`, `clip`) that implements it and what it can
 do. Ask for a capability instead of probing methods:
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
-from blip2_jax.models import llama, opt, t5
+from blip2_jax.models import gemma, llama, opt, t5
 
 # ----------------------------------------------------------------------------------------
 # capabilities
@@ -65,6 +65,16 @@ FAMILIES = {
     "llama": Family("llama", llama.LlamaConfig, llama.LlamaForCausalLM, llama.hf_rules,
                     llama.hf_ignore, llama.init_cache, False, ("llama",)),
 }
+# LLaMA's layer with switches (llama.py) and Gemma's (gemma.py); Gemma 3 also reads the text
+# config of a Gemma 3 composite ("gemma3")
+for _name, _cfg, _lm, _types in (
+    ("qwen2", llama.Qwen2Config, llama.LlamaForCausalLM, ("qwen2",)),
+    ("qwen3", llama.Qwen3Config, llama.LlamaForCausalLM, ("qwen3",)),
+    ("mistral", llama.MistralConfig, llama.LlamaForCausalLM, ("mistral",)),
+    ("gemma2", gemma.Gemma2Config, gemma.GemmaForCausalLM, ("gemma2",)),
+    ("gemma3", gemma.Gemma3TextConfig, gemma.GemmaForCausalLM, ("gemma3_text", "gemma3"))):
+  FAMILIES[_name] = Family(_name, _cfg, _lm, llama.hf_rules, llama.hf_ignore, llama.init_cache,
+                           False, _types)
 
 
 def family(name_or_config) -> Family:
@@ -74,7 +84,7 @@ def family(name_or_config) -> Family:
       raise ValueError(f"unknown LLM family {name_or_config!r}; supported: {sorted(FAMILIES)}")
     return FAMILIES[name_or_config]
   for f in FAMILIES.values():
-    if isinstance(name_or_config, f.config_cls):
+    if type(name_or_config) is f.config_cls:  # exact: Qwen2Config is also a LlamaConfig
       return f
   raise TypeError(f"unsupported text config {type(name_or_config).__name__}; supported: "
                   f"{', '.join(f.config_cls.__name__ for f in FAMILIES.values())}")

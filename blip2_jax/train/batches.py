@@ -10,6 +10,8 @@ Every array gets a fixed width (`max_txt_len`), so the train step compiles once.
                       BLIP-2 VQA) and one answer per question, drawn from "answers" by annotator frequency
                       (`tasks.vqa_fields`); the loss is on the answer only (`prefix_lm_text`)
   instruct:           the instruction as the prompt, the response as the target (`prefix_lm_text`)
+With `loss.chat_template` the LLM reads the prompts of both prefix-LM tasks as a user turn of its
+tokenizer's chat template (`processing.chat_prompt`: instruction-tuned Qwen / Gemma / Mistral ...).
 Both prefix-LM tasks give the prompt to the Q-Former too (qformer_input_ids) when the model is an
 InstructBLIP; a BLIP-2 Q-Former has no text input (HF Blip2ForConditionalGeneration), so there
 the prompt reaches the LLM only, as LAVIS's BLIP-2 VQA does.
@@ -33,8 +35,7 @@ def fix_width(x: np.ndarray, width: int, fill) -> np.ndarray:
   return np.concatenate([x, pad], axis=-1)
 
 
-def _pad_id(tok) -> int:
-  return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+_pad_id = losses.pad_id
 
 
 def _fixed(batch: dict, width: int, pad: int) -> dict:
@@ -50,7 +51,7 @@ def _rows(tok, texts, add_special_tokens=True):
 def prefix_lm_text(tok, family: str, prompts, targets, max_len: int, eos_token_id: int | None = None) -> dict:
   """LLM side of a prompt -> target batch (VQA, instructions), right padded to max_len; loss on the target.
 
-  decoder-only (OPT, LLaMA): [prompt + " " + target, EOS] tokenised as ONE string (as at generation
+  decoder-only (OPT, LLaMA, Qwen, Mistral, Gemma): [prompt + " " + target, EOS] tokenised as ONE string (as at generation
     time, where the answer continues the prompt: a BPE tokenizer then gives " red", not "red"), labels
     from the prompt's own token count on (the prompt, incl. BOS, carries no loss). `eos_token_id` is
     the token generation stops at (the model's text config: "\\n" for HF's BLIP-2 OPT), else the
@@ -69,12 +70,17 @@ def prefix_lm_text(tok, family: str, prompts, targets, max_len: int, eos_token_i
       ids[i, :len(a)], mask[i, :len(a)] = a, 1
       labels[i, :len(b)], dmask[i, :len(b)] = b, 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "decoder_attention_mask": dmask}
+  if isinstance(eos_token_id, (tuple, list)):  # several stop ids (Qwen2.5, Gemma 3): the first ends rows
+    eos_token_id = eos_token_id[0]
   eos = tok.eos_token_id if eos_token_id is None else int(eos_token_id)
   heads = _rows(tok, prompts)
-  fulls = _rows(tok, [f"{p.rstrip()} {t.strip()}" for p, t in zip(prompts, targets)])
+  # the target continues the prompt after a space, or right after a newline (a chat template's
+  # assistant turn opens with one)
+  seps = ["" if p.endswith("\n") else " " for p in prompts]
+  fulls = _rows(tok, [(p if s == "" else p.rstrip()) + s + t.strip() for p, s, t in zip(prompts, seps, targets)])
   for i, (a, full) in enumerate(zip(heads, fulls)):
     if list(full[:len(a)]) != list(a):  # the tokenizer merged across the boundary: tokenise apart
-      full = list(a) + _rows(tok, [" " + str(targets[i]).strip()], add_special_tokens=False)[0]
+      full = list(a) + _rows(tok, [seps[i] + str(targets[i]).strip()], add_special_tokens=False)[0]
     seq = (list(full) + [eos])[:max_len]
     ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
     labels[i, len(a):len(seq)] = seq[len(a):]
@@ -126,12 +132,16 @@ def make_batch_fn(config, setup):
   def prompt_of(q: str) -> str:
     return template.format(q.strip()) if template else processing.vqa_prompt(q, family)
 
+  chat = bool(config.loss.get("chat_template", False))
+
   def prefix_lm(b, rng):
     if task.records == "vqa":
       prompts, targets = [prompt_of(str(q)) for q in b["question"]], [str(a) for a in b["answer"]]
     else:
       prompts, targets = [str(t) for t in b["instruction"]], [str(t) for t in b["response"]]
-    out = prefix_lm_text(ltok, family, prompts, targets, width, eos)
+    # the LLM reads the prompt in its chat template if asked (as `inference` then does); the Q-Former raw
+    llm_prompts = [processing.chat_prompt(ltok, p) for p in prompts] if chat else prompts
+    out = prefix_lm_text(ltok, family, llm_prompts, targets, width, eos)
     if instruct_model:
       out.update(qformer_text(qtok, prompts, width))
     out["pixel_values"] = b["image"]

@@ -263,7 +263,8 @@ def _answers(config, setup, params_tree, es: EvalSet, opts: dict) -> dict:
   preds = inference.answer(setup.model, params_tree["model"], setup.llm_tokenizer, es.images, es.prompts,
                            batch_size=int(opts["batch_size"]), qformer_tokenizer=setup.qformer_tokenizer,
                            prompt_template=template, num_beams=int(opts["num_beams"]),
-                           max_new_tokens=int(opts["max_new_tokens"]), errors=[])
+                           max_new_tokens=int(opts["max_new_tokens"]), errors=[],
+                           chat_template=bool(config.loss.get("chat_template", False)))
   preds = [p or "" for p in preds]
   n = min(int(opts["num_examples"]), len(es))
   return {"eval/vqa_acc": float(evaluation.vqa_accuracy(preds, es.references)),
@@ -275,7 +276,7 @@ def _responses(config, setup, params_tree, es: EvalSet, opts: dict) -> dict:
   preds = inference.caption(setup.model, params_tree["model"], setup.llm_tokenizer, es.images, prompt=es.prompts,
                             batch_size=int(opts["batch_size"]), qformer_tokenizer=setup.qformer_tokenizer,
                             num_beams=int(opts["num_beams"]), max_new_tokens=int(opts["max_new_tokens"]),
-                            min_new_tokens=0, errors=[])
+                            min_new_tokens=0, errors=[], chat_template=bool(config.loss.get("chat_template", False)))
   preds = [p or "" for p in preds]
   exact = [_normalise(p) in {_normalise(r) for r in rs} for p, rs in zip(preds, es.references)]
   n = min(int(opts["num_examples"]), len(es))

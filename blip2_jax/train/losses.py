@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip2_jax.data import processing
 from blip2_jax.models import layers as L
 from blip2_jax.models import qformer as Q
 from blip2_jax.models import t5
@@ -367,6 +368,14 @@ def split_caption(caption: str, prefix_ratio: float | None = 0.5, rng: np.random
   return " ".join(words[:k]), " ".join(words[k:])
 
 
+def pad_id(tokenizer) -> int:
+  """The tokenizer's pad id, else its EOS (Mistral's and LLaMA's tokenizers have no pad token), else
+  0: padded positions carry mask 0, so the id never matters."""
+  if tokenizer.pad_token_id is not None:
+    return tokenizer.pad_token_id
+  return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
 def _pad(seqs: Sequence[list], pad_id: int):
   width = max(1, max(len(s) for s in seqs))
   ids = np.full((len(seqs), width), pad_id, np.int32)
@@ -422,27 +431,28 @@ def build_stage2_batch(tokenizer, captions: Sequence[str], family: str, *, promp
     included): by default LAVIS's count, which for a prompt with a trailing space ("a photo of ")
     also masks the caption's first token; "exact" masks the prompt only. Without a prompt LAVIS
     masks nothing but padding, so BOS is a target, predicted by the last query.
-  llama: as opt but caption + EOS instead of "\\n" (LAVIS's Vicuna models append eos).
+  llama and the other decoder-only families (qwen2, qwen3, mistral, gemma2, gemma3): as opt but
+    caption + the tokenizer's EOS instead of "\\n" (LAVIS's Vicuna models append eos).
   t5: `split_caption` (prefix_ratio / rng); input_ids = prompt + prefix (+ </s> by the
     tokenizer), labels = suffix (+ </s>), -100 padding, decoder_attention_mask as LAVIS (the
     prompt is encoder input, so prompt_mask changes nothing).
   """
   _check_prompt_mask(prompt_mask)
-  if family in ("opt", "llama"):
+  if family in processing.DECODER_ONLY:
     end = "\n" if family == "opt" else ""
     # LAVIS's text processor holds the prompt with its trailing space ("a photo of "); a prompt
     # given without one ("a photo of", as at generation time) gets it here, not "a photo ofa cat"
     sep = " " if prompt and not prompt[-1].isspace() else ""
     seqs = _tokenize(tokenizer, [prompt + sep + c + end for c in captions], max_len,
-                     append_eos=family == "llama")
-    ids, mask = _pad(seqs, tokenizer.pad_token_id)
+                     append_eos=family != "opt")
+    ids, mask = _pad(seqs, pad_id(tokenizer))
     plen = prompt_length(tokenizer, prompt, prompt_mask)
     return {"input_ids": ids, "attention_mask": mask, "labels": lm_labels(ids, mask, plen)}
   if family == "t5":
     parts = [split_caption(c, prefix_ratio, rng) for c in captions]
     ids, mask = _pad(_tokenize(tokenizer, [" ".join(x for x in (prompt.strip(), p) if x) for p, _ in parts],
-                               max_len), tokenizer.pad_token_id)
-    out, out_mask = _pad(_tokenize(tokenizer, [s for _, s in parts], max_len), tokenizer.pad_token_id)
+                               max_len), pad_id(tokenizer))
+    out, out_mask = _pad(_tokenize(tokenizer, [s for _, s in parts], max_len), pad_id(tokenizer))
     return {"input_ids": ids, "attention_mask": mask, "labels": lm_labels(out, out_mask),
             "decoder_attention_mask": out_mask}
-  raise ValueError(f"family must be opt, llama or t5, got {family!r}")
+  raise ValueError(f"family must be one of {processing.FAMILIES}, got {family!r}")

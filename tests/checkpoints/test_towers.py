@@ -2,11 +2,14 @@
 
 Measured max abs diffs (CPU, float32, jax 0.10.2 vs torch 2.13 eager):
   vision tower vs HF Blip2 vision_model: 1.2e-6 (values up to 4.2)
-  LLM tower logits vs the HF LLM: OPT 1.2e-6, T5 tied 1.8e-6 / untied 1.8e-6, LLaMA 2.1e-6 (values ~3)
+  LLM tower logits vs the HF LLM: OPT 1.2e-6, T5 tied 1.8e-6 / untied 1.8e-6, LLaMA 2.1e-6 (values ~3);
+  Qwen2 1.5e-6, Qwen3 2.3e-6, Mistral 2.1e-6, Gemma 2 1.5e-6, Gemma 3 1.8e-6 (values up to 3.6); a Gemma 3
+  composite's text model 1.9e-6 (up to 4.5)
   Q-Former text path vs BERT (token_type_embeddings zeroed, as LAVIS drops them): 1.2e-6 (up to 3.5)
   Q-Former LM head vs BERT cls.predictions: 8.9e-8 (up to 1.0)
   saved composites reloaded by transformers (parity.compare, OPT / untied T5): vision 1.2e-6,
-  qformer 9.5e-7, projection 8.9e-8, logits 1.3e-6 / 1.8e-6
+  qformer 9.5e-7, projection 8.9e-8, logits 1.3e-6 / 1.8e-6; Qwen2 / Qwen3 / Mistral /
+  Gemma 2 / Gemma 3 logits 2.4e-6 / 1.3e-6 / 3.3e-6 / 1.4e-6 / 1.5e-6 (vision 2.2e-6, qformer 7.7e-7)
 """
 import dataclasses
 
@@ -26,6 +29,10 @@ from blip2_jax.models import qformer as Q
 from bounds import REL, assert_close
 
 BERT_VOCAB = 98
+NEW_FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3")
+LM_CLASSES = {"opt": "OPTForCausalLM", "t5": "T5ForConditionalGeneration", "llama": "LlamaForCausalLM",
+              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
+              "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +46,11 @@ def dirs(tmp_path_factory):
   tiny.perturb_(bert, seed=2)
   bert.save_pretrained(root / "bert")
   out["bert"] = str(root / "bert")
-  classes = {"opt": T.OPTForCausalLM, "t5": T.T5ForConditionalGeneration, "llama": T.LlamaForCausalLM}
   for name, family, kw in [("opt", "opt", {}), ("t5", "t5", {}), ("llama", "llama", {}),
-                           ("t5_untied", "t5", dict(tie_word_embeddings=False))]:
+                           ("t5_untied", "t5", dict(tie_word_embeddings=False))] + [
+                              (f, f, {}) for f in NEW_FAMILIES]:
     torch.manual_seed(3)
-    m = classes[family](tiny.tiny_text_config(family, attn_implementation="eager", **kw)).eval()
+    m = getattr(T, LM_CLASSES[family])(tiny.tiny_text_config(family, attn_implementation="eager", **kw)).eval()
     if name == "t5_untied":  # HF 5 ties whatever the config says unless the head is distinct
       m.lm_head.weight = torch.nn.Parameter(torch.randn(tiny.VOCAB, 40) * 40 ** -0.5)
     tiny.perturb_(m, seed=4)
@@ -89,7 +96,7 @@ def _bert_sd(d):
   return {k: v.numpy() for k, v in T.BertForPreTraining.from_pretrained(d).state_dict().items()}
 
 
-@pytest.mark.parametrize("family", ["opt", "t5", "llama", "t5_untied"])
+@pytest.mark.parametrize("family", ["opt", "t5", "llama", "t5_untied", *NEW_FAMILIES])
 def test_generative_from_towers(dirs, tmp_path, family):
   cfg = towers.config_from_towers(dirs["vision"], dirs["bert"], dirs[family], num_query_tokens=4,
                                   image_token_index=tiny.VOCAB - 1)
@@ -107,9 +114,7 @@ def test_generative_from_towers(dirs, tmp_path, family):
   ids = rng.integers(3, tiny.VOCAB - 1, (2, 7))
   mask = np.ones_like(ids)
   mask[1, 5:] = 0
-  hf = getattr(T, {"opt": "OPTForCausalLM", "t5": "T5ForConditionalGeneration",
-                   "llama": "LlamaForCausalLM"}[cfg.family]).from_pretrained(
-      dirs[family], attn_implementation="eager").eval()
+  hf = getattr(T, LM_CLASSES[cfg.family]).from_pretrained(dirs[family], attn_implementation="eager").eval()
   v = {"params": params}
   with torch.no_grad():
     if cfg.family == "t5":
@@ -144,7 +149,7 @@ def test_generative_from_towers(dirs, tmp_path, family):
   assert any(s.startswith("language_projection.weight") for s in rep["initialised"])
   assert any(s.startswith("query_tokens") for s in rep["initialised"])
   assert any(dirs[family] in s for s in rep["copied"])
-  if family in ("opt", "t5_untied"):
+  if family in ("opt", "t5_untied", *NEW_FAMILIES):  # transformers' Blip2 builds any causal LM
     _check_hf_reload(model, params, tmp_path, "Blip2ForConditionalGeneration")
 
 
@@ -241,3 +246,27 @@ def test_errors(dirs):
     towers.init_from_towers(t5cfg, language_model=dirs["t5_untied"])
   with pytest.raises(io.CheckpointError, match="language_model tower"):
     towers.init_from_towers(cfg, language_model=dirs["llama"])
+
+
+def test_gemma3_composite_as_llm_tower(dirs, tmp_path):
+  """A Gemma 3 composite directory (Gemma3ForConditionalGeneration): its text config and its
+  `language_model.model.*` weights make the LLM; the SigLIP tower and projector are left out.
+  No final soft-cap (as the released Gemma 3): Gemma3ForConditionalGeneration's head never applies
+  one, Gemma3ForCausalLM (what BLIP-2 runs, and we) does."""
+  text = tiny.tiny_text_config("gemma3", attn_implementation="eager", final_logit_softcapping=None)
+  vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, image_size=28, patch_size=14)
+  torch.manual_seed(6)
+  hf = T.Gemma3ForConditionalGeneration(T.Gemma3Config(
+      text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+      image_token_index=tiny.VOCAB - 1, boi_token_index=tiny.VOCAB - 2, eoi_token_index=tiny.VOCAB - 3)).eval()
+  tiny.perturb_(hf, seed=7)
+  hf.save_pretrained(tmp_path)
+  cfg = towers.config_from_towers(dirs["vision"], dirs["bert"], str(tmp_path), num_query_tokens=4)
+  assert cfg.family == "gemma3" and cfg.text.windows == (5, None)
+  model, params, rep = towers.init_from_towers(cfg, language_model=str(tmp_path))
+  ids = np.random.default_rng(2).integers(3, tiny.VOCAB - 4, (2, 7))
+  with torch.no_grad():
+    ref = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
+  out = model.apply({"params": params}, jnp.asarray(ids), method=lambda m, i: m.language_model(i))["logits"]
+  assert_close(out, ref, "Gemma 3 composite's LLM logits")  # measured 1.9e-6 (values up to 4.5)

@@ -229,6 +229,10 @@ def test_prompts():
   assert processing.padding_side("opt") == "left" and processing.padding_side("t5") == "right"
   assert processing.family_of({"text_config": {"model_type": "opt"}}) == "opt"
   assert processing.family_of({"text_config": {"model_type": "t5"}}) == "t5"
+  for family in ("qwen2", "qwen3", "mistral", "gemma2", "gemma3"):  # decoder-only: left, OPT's VQA prompt
+    assert processing.padding_side(family) == "left"
+    assert processing.vqa_prompt("q", family) == "Question: q Answer:"
+  assert processing.family_of({"text_config": {"model_type": "gemma3_text"}}) == "gemma3"
 
 
 @pytest.mark.parametrize("family", ["opt", "t5"])

@@ -67,13 +67,14 @@ def test_cross_entropy_matches_torch(smoothing):
 
 
 def test_families():
-  assert set(registry.FAMILIES) == {"opt", "t5", "llama"}
+  assert set(registry.FAMILIES) == {"opt", "t5", "llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"}
   for name, f in registry.FAMILIES.items():
     cfg = f.config_cls()
     assert registry.family(name) is f and registry.family(cfg) is f
     assert isinstance(f.hf_rules(cfg), list) and isinstance(f.hf_ignore(cfg), list)
     assert f.encoder_decoder == (name == "t5")
   assert registry.family_of_model_type("mt5").name == "t5"
+  assert registry.family_of_model_type("gemma3_text").name == "gemma3"
   with pytest.raises(ValueError, match="'gpt2' is not supported"):
     registry.family_of_model_type("gpt2")
   with pytest.raises(ValueError, match="unknown LLM family"):
